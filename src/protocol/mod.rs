@@ -1,0 +1,49 @@
+//! PostgreSQL wire-protocol pieces the proxy needs: the startup packet,
+//! ErrorResponse encoding, backend message framing and the cancel request.
+//!
+//! Only what the handshake decodes lives here; the relay after the first
+//! ReadyForQuery never decodes message bodies (see `proxy::relay`).
+
+pub mod backend;
+pub mod cancel;
+pub mod error_response;
+pub mod startup;
+
+/// Largest startup packet accepted, as in PostgreSQL (`MAX_STARTUP_PACKET_LENGTH`).
+pub const MAX_STARTUP_PACKET: usize = 10_000;
+/// Request codes carried where a startup packet has its protocol version.
+pub const SSL_REQUEST_CODE: u32 = 80_877_103;
+pub const GSSENC_REQUEST_CODE: u32 = 80_877_104;
+pub const CANCEL_REQUEST_CODE: u32 = 80_877_102;
+/// Protocol 3.0, the version every current driver speaks.
+pub const PROTOCOL_3_0: u32 = 3 << 16;
+/// Length of the header of every message after the startup packet:
+/// one type byte and a big-endian i32 length that counts itself.
+pub const MESSAGE_HEADER_LEN: usize = 5;
+
+/// Transaction status carried by ReadyForQuery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransactionStatus {
+    Idle,
+    InTransaction,
+    Failed,
+}
+
+impl TransactionStatus {
+    pub fn from_byte(b: u8) -> Option<Self> {
+        match b {
+            b'I' => Some(Self::Idle),
+            b'T' => Some(Self::InTransaction),
+            b'E' => Some(Self::Failed),
+            _ => None,
+        }
+    }
+
+    pub fn as_byte(self) -> u8 {
+        match self {
+            Self::Idle => b'I',
+            Self::InTransaction => b'T',
+            Self::Failed => b'E',
+        }
+    }
+}

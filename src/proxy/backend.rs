@@ -1,0 +1,193 @@
+//! The backend side of a session during the handshake: forwards the
+//! client's StartupMessage, relays the authentication exchange both ways
+//! untouched, swaps BackendKeyData for a proxy-issued key, and stops at
+//! the first ReadyForQuery.
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::cancel_map::{CancelMap, CancelRegistration, CancelTarget};
+use super::client::ClientConn;
+use super::error::SessionError;
+use crate::config::NodeSpec;
+use crate::protocol::TransactionStatus;
+use crate::protocol::backend::{Frame, split_frame};
+use crate::protocol::cancel::CancelKey;
+
+/// Largest backend message accepted before the first ReadyForQuery
+/// (errors, notices, SASL challenges are all far smaller).
+const MAX_HANDSHAKE_MESSAGE: usize = 1 << 20;
+
+/// Authentication request codes after which the client must answer.
+const AUTH_CLEARTEXT: u32 = 3;
+const AUTH_MD5: u32 = 5;
+const AUTH_GSS: u32 = 7;
+const AUTH_GSS_CONTINUE: u32 = 8;
+const AUTH_SSPI: u32 = 9;
+const AUTH_SASL: u32 = 10;
+const AUTH_SASL_CONTINUE: u32 = 11;
+
+pub struct BackendConn {
+    pub node: Arc<NodeSpec>,
+    stream: TcpStream,
+    buf: BytesMut,
+}
+
+/// A backend session ready for the relay.
+pub struct ReadyBackend {
+    pub node: Arc<NodeSpec>,
+    pub stream: TcpStream,
+    /// Bytes the backend sent after the first ReadyForQuery.
+    pub pending: BytesMut,
+    pub status: TransactionStatus,
+    pub cancel: Option<CancelRegistration>,
+}
+
+impl BackendConn {
+    pub fn new(node: Arc<NodeSpec>, stream: TcpStream) -> Self {
+        Self {
+            node,
+            stream,
+            buf: BytesMut::with_capacity(4096),
+        }
+    }
+
+    /// Runs the startup exchange. Client-bound messages are batched and
+    /// flushed whenever the proxy must wait for either side.
+    pub async fn authenticate(
+        mut self,
+        client: &mut ClientConn,
+        startup_packet: &[u8],
+        cancel_map: &Arc<CancelMap>,
+    ) -> Result<ReadyBackend, SessionError> {
+        self.write(startup_packet).await?;
+        let mut out = BytesMut::with_capacity(1024);
+        let mut cancel = None;
+        loop {
+            let frame = match self.next_frame()? {
+                Some(frame) => frame,
+                None => {
+                    flush(client, &mut out).await?;
+                    self.read_more().await?;
+                    continue;
+                }
+            };
+            match frame.tag {
+                b'R' => {
+                    out.extend_from_slice(&frame.bytes);
+                    if needs_client_answer(&frame) {
+                        flush(client, &mut out).await?;
+                        let answer = client.read_message().await?;
+                        self.write(&answer.bytes).await?;
+                    }
+                }
+                b'K' => {
+                    let registration = self.register_cancel(&frame, cancel_map)?;
+                    out.extend_from_slice(&registration.key().backend_key_data());
+                    cancel = Some(registration);
+                }
+                b'E' => {
+                    out.extend_from_slice(&frame.bytes);
+                    flush(client, &mut out).await?;
+                    return Err(SessionError::BackendRefused);
+                }
+                b'Z' => {
+                    out.extend_from_slice(&frame.bytes);
+                    flush(client, &mut out).await?;
+                    let status = frame
+                        .body()
+                        .first()
+                        .and_then(|b| TransactionStatus::from_byte(*b))
+                        .unwrap_or(TransactionStatus::Idle);
+                    return Ok(ReadyBackend {
+                        node: self.node,
+                        stream: self.stream,
+                        pending: self.buf,
+                        status,
+                        cancel,
+                    });
+                }
+                _ => out.extend_from_slice(&frame.bytes),
+            }
+        }
+    }
+
+    fn register_cancel(
+        &self,
+        frame: &Frame,
+        cancel_map: &Arc<CancelMap>,
+    ) -> Result<CancelRegistration, SessionError> {
+        let backend_key = CancelKey::parse(frame.body()).ok_or_else(|| {
+            SessionError::BackendProtocol {
+                node: self.node.name.clone(),
+                source: crate::protocol::backend::FrameError::TooShort(frame.body().len() as u32),
+            }
+        })?;
+        Ok(cancel_map.register(CancelTarget {
+            node: self.node.name.clone(),
+            address: self.node.address(),
+            backend_key,
+        }))
+    }
+
+    fn next_frame(&mut self) -> Result<Option<Frame>, SessionError> {
+        split_frame(&mut self.buf, MAX_HANDSHAKE_MESSAGE).map_err(|source| {
+            SessionError::BackendProtocol {
+                node: self.node.name.clone(),
+                source,
+            }
+        })
+    }
+
+    async fn read_more(&mut self) -> Result<(), SessionError> {
+        match self.stream.read_buf(&mut self.buf).await {
+            Ok(0) => Err(SessionError::BackendClosed {
+                node: self.node.name.clone(),
+            }),
+            Ok(_) => Ok(()),
+            Err(source) => Err(SessionError::BackendIo {
+                node: self.node.name.clone(),
+                source,
+            }),
+        }
+    }
+
+    async fn write(&mut self, bytes: &[u8]) -> Result<(), SessionError> {
+        self.stream
+            .write_all(bytes)
+            .await
+            .map_err(|source| SessionError::BackendIo {
+                node: self.node.name.clone(),
+                source,
+            })
+    }
+}
+
+fn needs_client_answer(frame: &Frame) -> bool {
+    let body = frame.body();
+    if body.len() < 4 {
+        return false;
+    }
+    let code = u32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+    matches!(
+        code,
+        AUTH_CLEARTEXT
+            | AUTH_MD5
+            | AUTH_GSS
+            | AUTH_GSS_CONTINUE
+            | AUTH_SSPI
+            | AUTH_SASL
+            | AUTH_SASL_CONTINUE
+    )
+}
+
+async fn flush(client: &mut ClientConn, out: &mut BytesMut) -> Result<(), SessionError> {
+    if !out.is_empty() {
+        client.write(out).await?;
+        out.clear();
+    }
+    Ok(())
+}

@@ -1,0 +1,53 @@
+//! The client's first packets: encryption negotiation, then a
+//! CancelRequest or a StartupMessage.
+
+use super::client::ClientConn;
+use super::error::SessionError;
+use crate::protocol::cancel::CancelKey;
+use crate::protocol::startup::{FirstPacket, StartupMessage, parse_first_packet};
+
+/// What the client asked for once negotiation is over.
+pub enum ClientRequest {
+    Cancel(CancelKey),
+    Startup(StartupMessage),
+}
+
+/// Answers SSLRequest and GSSENCRequest with `N` (no TLS yet) until the
+/// client sends its real first packet. Not cancel safe as a whole (it
+/// writes); the caller bounds it with the startup timeout.
+pub async fn negotiate(client: &mut ClientConn) -> Result<ClientRequest, SessionError> {
+    let mut ssl_asked = false;
+    let mut gss_asked = false;
+    loop {
+        let packet = client.read_startup_packet().await?;
+        match parse_first_packet(packet)? {
+            FirstPacket::SslRequest if !ssl_asked => {
+                ssl_asked = true;
+                answer_no_encryption(client).await?;
+            }
+            FirstPacket::GssEncRequest if !gss_asked => {
+                gss_asked = true;
+                answer_no_encryption(client).await?;
+            }
+            FirstPacket::SslRequest | FirstPacket::GssEncRequest => {
+                return Err(SessionError::ClientProtocol(
+                    "encryption requested twice in one startup".into(),
+                ));
+            }
+            FirstPacket::Cancel(key) => return Ok(ClientRequest::Cancel(key)),
+            FirstPacket::Startup(message) => return Ok(ClientRequest::Startup(message)),
+        }
+    }
+}
+
+/// Bytes that arrive before the client has read our answer were sent
+/// blind; after an `S` they would be injected plaintext (CVE-2021-23214
+/// class), so, like PostgreSQL, refuse them after any answer.
+async fn answer_no_encryption(client: &mut ClientConn) -> Result<(), SessionError> {
+    if client.has_buffered() {
+        return Err(SessionError::ClientProtocol(
+            "received unencrypted data after SSL request".into(),
+        ));
+    }
+    client.write(b"N").await
+}

@@ -1,0 +1,65 @@
+//! Picking the writable node for a new session, holding the session while
+//! there is none instead of refusing it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::time::{Instant, sleep_until, timeout, timeout_at};
+use tracing::{info, warn};
+
+use super::error::SessionError;
+use crate::config::NodeSpec;
+use crate::topology::TopologyStore;
+
+/// Pause before trying a node again after a failed connect, unless the
+/// topology changes first.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(200);
+
+/// Connects to the current writable node, waiting (woken by topology
+/// changes) until `deadline` when there is none or it cannot be reached.
+/// Cancel safe: holds nothing but a watch receiver.
+pub async fn connect_writable(
+    topology: &TopologyStore,
+    connect_timeout: Duration,
+    deadline: Instant,
+) -> Result<(Arc<NodeSpec>, TcpStream), SessionError> {
+    let mut changes = topology.subscribe();
+    let mut held_since = None;
+    loop {
+        changes.borrow_and_update();
+        let snapshot = topology.load();
+        let mut retry_at = None;
+        if let Some(node) = snapshot.writable() {
+            match connect(node, connect_timeout).await {
+                Ok(stream) => {
+                    if let Some(since) = held_since {
+                        info!(node = %node.name, held_ms = Instant::elapsed(&since).as_millis() as u64, "held session routed");
+                    }
+                    return Ok((Arc::clone(node), stream));
+                }
+                Err(reason) => {
+                    warn!(node = %node.name, %reason, "cannot reach the writable node");
+                    retry_at = Some(Instant::now() + RECONNECT_PAUSE);
+                }
+            }
+        }
+        held_since.get_or_insert_with(Instant::now);
+        let woken = tokio::select! {
+            changed = timeout_at(deadline, changes.changed()) => changed.is_ok(),
+            _ = sleep_until(retry_at.unwrap_or(deadline)), if retry_at.is_some() => true,
+        };
+        if !woken || Instant::now() >= deadline {
+            return Err(SessionError::NoRoute(topology.load().describe()));
+        }
+    }
+}
+
+async fn connect(node: &NodeSpec, connect_timeout: Duration) -> Result<TcpStream, String> {
+    let stream = timeout(connect_timeout, TcpStream::connect(node.address()))
+        .await
+        .map_err(|_| format!("connect timed out after {connect_timeout:?}"))?
+        .map_err(|e| e.to_string())?;
+    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    Ok(stream)
+}

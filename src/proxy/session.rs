@@ -1,0 +1,153 @@
+//! One client session from accept to close: negotiate, route,
+//! authenticate through, relay, and end cleanly on either side.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::time::{Instant, timeout};
+use tracing::{Instrument, Span, debug, field, info, info_span, warn};
+
+use super::Proxy;
+use super::backend::{BackendConn, ReadyBackend};
+use super::cancel_map::send_cancel;
+use super::client::ClientConn;
+use super::error::SessionError;
+use super::handshake::{ClientRequest, negotiate};
+use super::relay::{RelayEnd, SessionStatus, relay};
+use super::route::connect_writable;
+use crate::protocol::error_response::{ProxyError, sqlstate};
+use crate::protocol::startup::StartupMessage;
+
+/// Frontend Terminate, sent to a backend whose client vanished.
+const TERMINATE: [u8; 5] = [b'X', 0, 0, 0, 4];
+
+/// Whether this connection got a slot under `--max-client-connections`.
+pub enum Admission {
+    /// The permit is held for the session's life and frees its slot on drop.
+    Admitted { _slot: tokio::sync::OwnedSemaphorePermit },
+    /// Over the cap: the client gets 53300 after its startup packet (so
+    /// it can read the error), and a cancel request is still served.
+    OverCapacity,
+}
+
+pub async fn serve(proxy: Arc<Proxy>, stream: TcpStream, peer: SocketAddr, admission: Admission) {
+    let id = proxy.next_session_id();
+    let span = info_span!(
+        "session",
+        id,
+        client = %peer,
+        user = field::Empty,
+        database = field::Empty,
+        node = field::Empty
+    );
+    async move {
+        let mut client = ClientConn::new(stream);
+        match prepare(&proxy, &mut client, &admission).await {
+            Ok(ready) => relay_session(&proxy, client, ready).await,
+            Err(e) => refuse(&mut client, e).await,
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Everything before the relay: negotiate, admit, route, authenticate.
+async fn prepare(
+    proxy: &Proxy,
+    client: &mut ClientConn,
+    admission: &Admission,
+) -> Result<ReadyBackend, SessionError> {
+    let startup_timeout = proxy.config.startup_timeout;
+    let request = timeout(startup_timeout, negotiate(client))
+        .await
+        .map_err(|_| SessionError::StartupTimeout(startup_timeout))??;
+    let startup = match request {
+        ClientRequest::Cancel(key) => {
+            proxy.cancel_map.forward(&key, proxy.config.connect_timeout).await;
+            return Err(SessionError::ClientClosed);
+        }
+        ClientRequest::Startup(startup) => startup,
+    };
+    admit(proxy, admission, &startup)?;
+    let span = Span::current();
+    span.record("user", startup.user());
+    span.record("database", startup.database());
+
+    let deadline = Instant::now() + proxy.config.hold_timeout;
+    let (node, stream) =
+        connect_writable(&proxy.topology, proxy.config.connect_timeout, deadline).await?;
+    span.record("node", node.name.as_str());
+    let backend = BackendConn::new(node, stream);
+    timeout(
+        startup_timeout,
+        backend.authenticate(client, &startup.raw, &proxy.cancel_map),
+    )
+    .await
+    .map_err(|_| SessionError::StartupTimeout(startup_timeout))?
+}
+
+fn admit(
+    proxy: &Proxy,
+    admission: &Admission,
+    startup: &StartupMessage,
+) -> Result<(), SessionError> {
+    if matches!(admission, Admission::OverCapacity) {
+        return Err(SessionError::TooManyConnections(
+            proxy.config.max_client_connections,
+        ));
+    }
+    if startup.wants_replication() {
+        return Err(SessionError::Refused(
+            "replication connections are not supported through pgfailover; \
+             connect to the PostgreSQL node directly"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+async fn relay_session(proxy: &Proxy, client: ClientConn, ready: ReadyBackend) {
+    debug!("session ready");
+    let (mut client, client_pending) = client.into_parts();
+    let mut backend = ready.stream;
+    let status = SessionStatus::default();
+    status.set(ready.status.as_byte());
+    let end = relay(&mut client, client_pending, &mut backend, ready.pending, &status).await;
+    let last_status = char::from(status.get());
+    match end {
+        RelayEnd::ClientTerminated => debug!(%last_status, "session closed by client"),
+        RelayEnd::ClientVanished => {
+            debug!(%last_status, "client vanished; cancelling its backend");
+            // The backend may be running a query for nobody: cancel it,
+            // then say goodbye so it does not linger until the query ends.
+            if let Some(registration) = &ready.cancel {
+                send_cancel(registration.target(), proxy.config.connect_timeout).await;
+            }
+            let _ = backend.write_all(&TERMINATE).await;
+        }
+        RelayEnd::BackendLost { can_inject, error } => {
+            warn!(error = ?error, "backend connection lost");
+            if can_inject {
+                let message = ProxyError::fatal(
+                    sqlstate::CONNECTION_FAILURE,
+                    format!("lost the connection to PostgreSQL node {}", ready.node.name),
+                );
+                let _ = client.write_all(&message.to_bytes()).await;
+            }
+        }
+    }
+}
+
+/// Sends the client the error it is owed, if any, and logs why.
+async fn refuse(client: &mut ClientConn, error: SessionError) {
+    if error.is_routine() {
+        debug!(reason = %error, "session ended");
+        return;
+    }
+    info!(kind = error.kind(), reason = %error, "session refused");
+    if let Some(response) = error.client_error() {
+        let _ = client.send_error(&response).await;
+    }
+}
