@@ -1,0 +1,206 @@
+//! One PostgreSQL server in its own temp dir, run by pg_ctl as `postgres`.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use super::template::template_dir;
+use super::{REPLICATOR, TempDir, as_postgres, free_port, pg_bin, run_ok, tail, tcp_dsn};
+
+/// How many times a start is retried when the chosen port was taken by
+/// another process between `free_port()` and the postmaster's bind.
+const START_ATTEMPTS: usize = 5;
+
+/// A PostgreSQL server. Layout of its temp dir: `data/` (PGDATA), the unix
+/// socket, and `postgres.log`. Dropping it stops the server (immediate) and
+/// removes the directory.
+#[derive(Debug)]
+pub struct PgNode {
+    pub name: String,
+    port: u16,
+    dir: TempDir,
+}
+
+impl PgNode {
+    /// A fresh primary copied from the template, started.
+    pub fn primary(name: &str) -> Self {
+        let node = Self::empty(name);
+        run_ok(Command::new("cp").arg("-a").arg(template_dir()).arg(node.data_dir()));
+        node.started()
+    }
+
+    /// A streaming standby of `primary`, cloned with pg_basebackup through a
+    /// physical replication slot (`-C -S slot -R`), started.
+    pub fn standby_of(name: &str, primary: &PgNode, slot: &str) -> Self {
+        let node = Self::empty(name);
+        let conninfo = tcp_dsn(primary.port, REPLICATOR.name, REPLICATOR.password, "replication");
+        run_ok(
+            as_postgres(pg_bin("pg_basebackup"))
+                .arg("-D")
+                .arg(node.data_dir())
+                .args(["-d", &conninfo, "-C", "-S", slot, "-R"])
+                // Fast checkpoint: the default spread one can take minutes.
+                .args(["--checkpoint=fast", "-X", "stream", "--no-sync"]),
+        );
+        node.started()
+    }
+
+    fn empty(name: &str) -> Self {
+        let dir = TempDir::new(&format!("pgf-{name}"));
+        Self { name: name.to_string(), port: free_port(), dir }
+    }
+
+    fn started(mut self) -> Self {
+        self.start();
+        self
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn socket_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("postgres.log")
+    }
+
+    /// libpq DSN for a direct TCP connection to this node.
+    pub fn dsn(&self, user: &str, password: &str, db: &str) -> String {
+        tcp_dsn(self.port, user, password, db)
+    }
+
+    /// Starts the server and waits until it accepts connections. Keeps the
+    /// current port unless it turns out to be taken.
+    pub fn start(&mut self) {
+        for _ in 0..START_ATTEMPTS {
+            self.write_node_conf();
+            let out = self.pg_ctl(&["-l", &self.log_path().to_string_lossy(), "start"]);
+            if out.status.success() {
+                return;
+            }
+            let log = tail(&self.log_path(), 20);
+            assert!(
+                log.contains("could not bind") || log.contains("already in use"),
+                "{} did not start: {}\n{log}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr)
+            );
+            self.port = free_port();
+        }
+        panic!("{} found no free port in {START_ATTEMPTS} attempts", self.name);
+    }
+
+    /// Settings that differ per node. `include_if_exists` in the template
+    /// pulls this in; pg_basebackup copies it, and the standby rewrites it.
+    fn write_node_conf(&self) {
+        let conf = format!(
+            "port = {}\nunix_socket_directories = '{}'\ncluster_name = '{}'\n",
+            self.port,
+            self.socket_dir().display(),
+            self.name
+        );
+        let path = self.data_dir().join("node.conf");
+        fs::write(&path, conf).expect("write node.conf");
+        run_ok(Command::new("chown").arg("postgres:postgres").arg(&path));
+    }
+
+    /// Clean shutdown (`-m fast`).
+    pub fn stop(&self) {
+        let out = self.pg_ctl(&["-m", "fast", "stop"]);
+        assert!(out.status.success(), "{} did not stop: {out:?}", self.name);
+    }
+
+    /// Crash-like shutdown (`-m immediate`): no shutdown checkpoint.
+    pub fn stop_immediate(&self) {
+        let out = self.pg_ctl(&["-m", "immediate", "stop"]);
+        assert!(out.status.success(), "{} did not stop: {out:?}", self.name);
+    }
+
+    /// `kill -9` of the postmaster; its children notice and exit on their own.
+    pub fn kill9(&self) {
+        let pid = self.postmaster_pid().expect("postmaster is running");
+        run_ok(Command::new("kill").args(["-9", &pid.to_string()]));
+    }
+
+    /// Promotes a standby with `SELECT pg_promote()` (waits for completion).
+    pub fn promote(&self) {
+        let out = self.psql("SELECT pg_promote()");
+        assert_eq!(out, "t", "pg_promote() on {} returned {out:?}", self.name);
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.pg_ctl(&["status"]).status.success()
+    }
+
+    /// The postmaster's pid if it is alive. postmaster.pid survives a
+    /// kill -9, and its pid may since belong to another process: check.
+    fn postmaster_pid(&self) -> Option<u32> {
+        let text = fs::read_to_string(self.data_dir().join("postmaster.pid")).ok()?;
+        let pid: u32 = text.lines().next()?.trim().parse().ok()?;
+        let comm = fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+        (comm.trim() == "postgres").then_some(pid)
+    }
+
+    fn pg_ctl(&self, args: &[&str]) -> Output {
+        let mut cmd = as_postgres(pg_bin("pg_ctl"));
+        cmd.arg("-D").arg(self.data_dir()).args(["-w", "-t", "120"]).args(args);
+        cmd.output().expect("spawn pg_ctl")
+    }
+
+    /// Runs SQL as the superuser over the unix socket in database
+    /// `postgres` and returns the unaligned, tuples-only output; panics on
+    /// error.
+    pub fn psql(&self, sql: &str) -> String {
+        self.psql_db("postgres", sql)
+    }
+
+    pub fn psql_db(&self, db: &str, sql: &str) -> String {
+        self.try_psql_db(db, sql)
+            .unwrap_or_else(|e| panic!("psql on {} failed: {sql}\n{e}", self.name))
+    }
+
+    /// Like `psql`, but returns the error text instead of panicking: for
+    /// polling a server that may be restarting.
+    pub fn try_psql(&self, sql: &str) -> Result<String, String> {
+        self.try_psql_db("postgres", sql)
+    }
+
+    pub fn try_psql_db(&self, db: &str, sql: &str) -> Result<String, String> {
+        let out = as_postgres(pg_bin("psql"))
+            .arg("-h")
+            .arg(self.socket_dir())
+            .args(["-p", &self.port.to_string(), "-U", "postgres", "-d", db])
+            .args(["-XAtq", "-v", "ON_ERROR_STOP=1", "-c", sql])
+            .output()
+            .map_err(|e| format!("cannot spawn psql: {e}"))?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+}
+
+impl Drop for PgNode {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = self.log_path();
+            eprintln!("--- {} log ({}), last lines:\n{}", self.name, log.display(), tail(&log, 15));
+        }
+        if self.postmaster_pid().is_none() {
+            return;
+        }
+        if !self.pg_ctl(&["-m", "immediate", "stop"]).status.success()
+            && let Some(pid) = self.postmaster_pid()
+        {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        }
+    }
+}
