@@ -26,14 +26,20 @@ pub async fn run_proxy(config: ProxyConfig) -> anyhow::Result<()> {
     let topology = Arc::new(TopologyStore::new(&config.nodes));
     let control = CancellationToken::new();
     let background = TaskTracker::new();
-    monitor::spawn(Arc::clone(&config.monitor), Arc::clone(&topology), &background, control.clone());
+    monitor::spawn(
+        Arc::clone(&config.monitor),
+        Arc::clone(&topology),
+        &background,
+        control.clone(),
+    );
 
     let shutdown_timeout = config.shutdown_timeout;
     let proxy = Proxy::new(config, topology);
     info!(listen = %proxy.config.listen, nodes = proxy.config.nodes.len(), "pgfailover proxy started");
     let accepting = CancellationToken::new();
     let sessions = TaskTracker::new();
-    let accept = tokio::spawn(Arc::clone(&proxy).accept_loop(listener, accepting.clone(), sessions.clone()));
+    let accept =
+        tokio::spawn(Arc::clone(&proxy).accept_loop(listener, accepting.clone(), sessions.clone()));
 
     tokio::select! {
         _ = sigint.recv() => {
@@ -43,7 +49,11 @@ pub async fn run_proxy(config: ProxyConfig) -> anyhow::Result<()> {
         _ = sigterm.recv() => {}
     }
     let open = proxy.open_sessions();
-    info!(open, ?shutdown_timeout, "SIGTERM: no longer accepting; draining sessions");
+    info!(
+        open,
+        ?shutdown_timeout,
+        "SIGTERM: no longer accepting; draining sessions"
+    );
     accepting.cancel();
     let _ = accept.await;
     sessions.close();

@@ -64,7 +64,10 @@ fn resolve(options: ProxyOptions) -> Result<ProxyConfig, ExitCode> {
 }
 
 fn run_proxy(config: ProxyConfig) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("pgfailover: cannot start the runtime: {e}");

@@ -172,7 +172,10 @@ impl ProxyConfig {
     /// Merges flags/environment over the `--config` file, then validates.
     /// `env_password` is the value of PGFAILOVER_MONITOR_PASSWORD, passed in
     /// so tests need not touch the process environment.
-    pub fn resolve(options: ProxyOptions, env_password: Option<String>) -> Result<Self, ConfigError> {
+    pub fn resolve(
+        options: ProxyOptions,
+        env_password: Option<String>,
+    ) -> Result<Self, ConfigError> {
         let options = match &options.config {
             Some(path) => options.clone().over(read_file(path)?),
             None => options,
@@ -216,7 +219,11 @@ impl ProxyOptions {
         ProxyOptions {
             config: self.config,
             listen: self.listen.or(file.listen),
-            node: if self.node.is_empty() { file.node } else { self.node },
+            node: if self.node.is_empty() {
+                file.node
+            } else {
+                self.node
+            },
             monitor_user: self.monitor_user.or(file.monitor_user),
             monitor_password_file: self.monitor_password_file.or(file.monitor_password_file),
             monitor_dbname: self.monitor_dbname.or(file.monitor_dbname),
@@ -244,7 +251,9 @@ fn read_file(path: &Path) -> Result<ProxyOptions, ConfigError> {
 
 fn parse_nodes(texts: &[String]) -> Result<Vec<Arc<NodeSpec>>, ConfigError> {
     if texts.is_empty() {
-        return Err(invalid("no node given: add --node NAME=HOST:PORT for each PostgreSQL node"));
+        return Err(invalid(
+            "no node given: add --node NAME=HOST:PORT for each PostgreSQL node",
+        ));
     }
     let mut nodes: Vec<Arc<NodeSpec>> = Vec::with_capacity(texts.len());
     for text in texts {
@@ -277,8 +286,11 @@ fn monitor_password(
 }
 
 fn parse_addr(flag: &str, text: &str) -> Result<SocketAddr, ConfigError> {
-    text.parse()
-        .map_err(|_| invalid(format!("{flag} {text:?}: expected IP:PORT, e.g. 0.0.0.0:6432")))
+    text.parse().map_err(|_| {
+        invalid(format!(
+            "{flag} {text:?}: expected IP:PORT, e.g. 0.0.0.0:6432"
+        ))
+    })
 }
 
 fn non_empty(flag: &str, value: Option<String>, default: &str) -> Result<String, ConfigError> {
@@ -333,12 +345,16 @@ mod tests {
             (options(&["bad name=h:1"]), "node name"),
         ];
         for (o, wanted) in cases {
-            let e = ProxyConfig::resolve(o, None).expect_err("invalid").to_string();
+            let e = ProxyConfig::resolve(o, None)
+                .expect_err("invalid")
+                .to_string();
             assert!(e.contains(wanted), "{e:?} should mention {wanted:?}");
         }
         let mut o = options(&["n1=h:1"]);
         o.hold_timeout = Some("soon".into());
-        let e = ProxyConfig::resolve(o, None).expect_err("invalid").to_string();
+        let e = ProxyConfig::resolve(o, None)
+            .expect_err("invalid")
+            .to_string();
         assert!(e.contains("--hold-timeout"), "{e}");
     }
 

@@ -53,7 +53,10 @@ impl Topology {
     /// None when no node is writable, or when more than one is: two
     /// writable nodes mean a split brain, and guessing would make it worse.
     pub fn writable(&self) -> Option<&Arc<NodeSpec>> {
-        let mut writable = self.nodes.iter().filter(|n| n.health == NodeHealth::Primary);
+        let mut writable = self
+            .nodes
+            .iter()
+            .filter(|n| n.health == NodeHealth::Primary);
         match (writable.next(), writable.next()) {
             (Some(node), None) => Some(&node.spec),
             _ => None,

@@ -70,7 +70,11 @@ impl NodeProbe {
         let Some(client) = &self.client else {
             return NodeHealth::Down("no monitoring connection".into());
         };
-        let outcome = timeout(deadline, client.query_one("SELECT pg_is_in_recovery()", &[])).await;
+        let outcome = timeout(
+            deadline,
+            client.query_one("SELECT pg_is_in_recovery()", &[]),
+        )
+        .await;
         match outcome {
             Ok(Ok(row)) => match row.try_get::<_, bool>(0) {
                 Ok(true) => NodeHealth::Standby,

@@ -120,7 +120,6 @@ impl BoundaryTracker {
     pub fn last_status(&self) -> Option<TransactionStatus> {
         self.last_status
     }
-
 }
 
 #[cfg(test)]

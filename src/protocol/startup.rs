@@ -80,9 +80,7 @@ pub fn parse_first_packet(packet: Bytes) -> Result<FirstPacket, StartupError> {
     let code = u32::from_be_bytes([packet[4], packet[5], packet[6], packet[7]]);
     let body = &packet[8..];
     match code {
-        SSL_REQUEST_CODE | GSSENC_REQUEST_CODE if !body.is_empty() => {
-            Err(StartupError::BadLength)
-        }
+        SSL_REQUEST_CODE | GSSENC_REQUEST_CODE if !body.is_empty() => Err(StartupError::BadLength),
         SSL_REQUEST_CODE => Ok(FirstPacket::SslRequest),
         GSSENC_REQUEST_CODE => Ok(FirstPacket::GssEncRequest),
         CANCEL_REQUEST_CODE => CancelKey::parse(body)
@@ -176,8 +174,8 @@ mod tests {
     fn detects_replication() {
         for (value, wanted) in [("database", true), ("true", true), ("off", false)] {
             let body = format!("user\0u\0replication\0{value}\0\0");
-            let FirstPacket::Startup(m) = parse_first_packet(packet(PROTOCOL_3_0, body.as_bytes()))
-                .expect("valid")
+            let FirstPacket::Startup(m) =
+                parse_first_packet(packet(PROTOCOL_3_0, body.as_bytes())).expect("valid")
             else {
                 panic!("not a startup")
             };
@@ -193,7 +191,10 @@ mod tests {
             Err(StartupError::BadLayout(_))
         ));
         let no_user = packet(PROTOCOL_3_0, b"database\0x\0\0");
-        assert_eq!(parse_first_packet(no_user).err(), Some(StartupError::NoUser));
+        assert_eq!(
+            parse_first_packet(no_user).err(),
+            Some(StartupError::NoUser)
+        );
         let bad_utf8 = packet(PROTOCOL_3_0, b"user\0\xff\0\0");
         assert!(parse_first_packet(bad_utf8).is_err());
     }

@@ -120,12 +120,11 @@ impl BackendConn {
         frame: &Frame,
         cancel_map: &Arc<CancelMap>,
     ) -> Result<CancelRegistration, SessionError> {
-        let backend_key = CancelKey::parse(frame.body()).ok_or_else(|| {
-            SessionError::BackendProtocol {
+        let backend_key =
+            CancelKey::parse(frame.body()).ok_or_else(|| SessionError::BackendProtocol {
                 node: self.node.name.clone(),
                 source: crate::protocol::backend::FrameError::TooShort(frame.body().len() as u32),
-            }
-        })?;
+            })?;
         Ok(cancel_map.register(CancelTarget {
             node: self.node.name.clone(),
             address: self.node.address(),

@@ -50,7 +50,11 @@ impl ClientConn {
             match split_frame(&mut self.buf, MAX_AUTH_MESSAGE) {
                 Ok(Some(frame)) => return Ok(frame),
                 Ok(None) => self.read_more().await?,
-                Err(e) => return Err(SessionError::ClientProtocol(format!("invalid message: {e}"))),
+                Err(e) => {
+                    return Err(SessionError::ClientProtocol(format!(
+                        "invalid message: {e}"
+                    )));
+                }
             }
         }
     }
@@ -61,7 +65,10 @@ impl ClientConn {
     }
 
     pub async fn write(&mut self, bytes: &[u8]) -> Result<(), SessionError> {
-        self.stream.write_all(bytes).await.map_err(client_read_error)
+        self.stream
+            .write_all(bytes)
+            .await
+            .map_err(client_read_error)
     }
 
     /// Sends an ErrorResponse; the caller closes the connection after.

@@ -84,7 +84,9 @@ impl SessionError {
                 sqlstate::TOO_MANY_CONNECTIONS,
                 "sorry, too many clients already",
             )
-            .with_detail(format!("pgfailover serves at most {limit} client connections")),
+            .with_detail(format!(
+                "pgfailover serves at most {limit} client connections"
+            )),
             Self::NoRoute(states) => ProxyError::fatal(
                 sqlstate::CANNOT_CONNECT_NOW,
                 "no writable PostgreSQL node is available",

@@ -64,7 +64,12 @@ pub async fn relay(
     let (mut client_read, mut client_write) = client.split();
     let (mut backend_read, mut backend_write) = backend.split();
     let upstream = client_to_backend(&mut client_read, &mut backend_write, client_pending);
-    let downstream = backend_to_client(&mut backend_read, &mut client_write, backend_pending, status);
+    let downstream = backend_to_client(
+        &mut backend_read,
+        &mut client_write,
+        backend_pending,
+        status,
+    );
     tokio::select! {
         end = upstream => end,
         end = downstream => end,
@@ -94,7 +99,8 @@ async fn client_to_backend(
         }
         let n = match client.read(&mut buf).await {
             Ok(0) | Err(_) => {
-                let terminated = tracking && tracker.at_boundary() && tracker.last_tag() == Some(TERMINATE);
+                let terminated =
+                    tracking && tracker.at_boundary() && tracker.last_tag() == Some(TERMINATE);
                 return if terminated {
                     RelayEnd::ClientTerminated
                 } else {
@@ -135,7 +141,8 @@ async fn backend_to_client(
         let n = match read {
             Ok(n) if n > 0 => n,
             other => {
-                let can_inject = tracker.at_boundary() && tracker.last_tag() != Some(ERROR_RESPONSE);
+                let can_inject =
+                    tracker.at_boundary() && tracker.last_tag() != Some(ERROR_RESPONSE);
                 return RelayEnd::BackendLost {
                     can_inject,
                     error: other.err(),

@@ -26,7 +26,9 @@ const TERMINATE: [u8; 5] = [b'X', 0, 0, 0, 4];
 /// Whether this connection got a slot under `--max-client-connections`.
 pub enum Admission {
     /// The permit is held for the session's life and frees its slot on drop.
-    Admitted { _slot: tokio::sync::OwnedSemaphorePermit },
+    Admitted {
+        _slot: tokio::sync::OwnedSemaphorePermit,
+    },
     /// Over the cap: the client gets 53300 after its startup packet (so
     /// it can read the error), and a cancel request is still served.
     OverCapacity,
@@ -65,7 +67,10 @@ async fn prepare(
         .map_err(|_| SessionError::StartupTimeout(startup_timeout))??;
     let startup = match request {
         ClientRequest::Cancel(key) => {
-            proxy.cancel_map.forward(&key, proxy.config.connect_timeout).await;
+            proxy
+                .cancel_map
+                .forward(&key, proxy.config.connect_timeout)
+                .await;
             return Err(SessionError::ClientClosed);
         }
         ClientRequest::Startup(startup) => startup,
@@ -114,7 +119,14 @@ async fn relay_session(proxy: &Proxy, client: ClientConn, ready: ReadyBackend) {
     let mut backend = ready.stream;
     let status = SessionStatus::default();
     status.set(ready.status.as_byte());
-    let end = relay(&mut client, client_pending, &mut backend, ready.pending, &status).await;
+    let end = relay(
+        &mut client,
+        client_pending,
+        &mut backend,
+        ready.pending,
+        &status,
+    )
+    .await;
     let last_status = char::from(status.get());
     match end {
         RelayEnd::ClientTerminated => debug!(%last_status, "session closed by client"),
