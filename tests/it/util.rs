@@ -7,7 +7,9 @@ use tokio_postgres::{Client, NoTls};
 
 /// Connects with tokio-postgres and drives the connection on a task.
 pub async fn connect(dsn: &str) -> Client {
-    try_connect(dsn).await.unwrap_or_else(|e| panic!("connect {dsn}: {}", describe(&e)))
+    try_connect(dsn)
+        .await
+        .unwrap_or_else(|e| panic!("connect {dsn}: {}", describe(&e)))
 }
 
 pub async fn try_connect(dsn: &str) -> Result<Client, tokio_postgres::Error> {
@@ -38,7 +40,13 @@ pub fn psql_command(dsn: &str, args: &[&str]) -> Command {
     let mut cmd = Command::new("psql");
     cmd.arg(dsn).args(["-X", "-A", "-t"]).args(args);
     // A stray PGPASSWORD/PGSERVICE in the environment must not decide a test.
-    for var in ["PGPASSWORD", "PGSERVICE", "PGPASSFILE", "PGUSER", "PGDATABASE"] {
+    for var in [
+        "PGPASSWORD",
+        "PGSERVICE",
+        "PGPASSFILE",
+        "PGUSER",
+        "PGDATABASE",
+    ] {
         cmd.env_remove(var);
     }
     cmd.env("PGCONNECT_TIMEOUT", "30");

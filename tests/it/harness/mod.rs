@@ -29,13 +29,34 @@ pub struct User {
     pub password: &'static str,
 }
 
-pub const SUPERUSER: User = User { name: "postgres", password: "postgres-secret" };
-pub const MONITOR: User = User { name: "pgfailover", password: "monitor-secret" };
-pub const SCRAM_USER: User = User { name: "scram_user", password: "scram-secret" };
-pub const MD5_USER: User = User { name: "md5_user", password: "md5-secret" };
-pub const PASSWORD_USER: User = User { name: "password_user", password: "plain-secret" };
-pub const TRUST_USER: User = User { name: "trust_user", password: "" };
-pub const REPLICATOR: User = User { name: "replicator", password: "repl-secret" };
+pub const SUPERUSER: User = User {
+    name: "postgres",
+    password: "postgres-secret",
+};
+pub const MONITOR: User = User {
+    name: "pgfailover",
+    password: "monitor-secret",
+};
+pub const SCRAM_USER: User = User {
+    name: "scram_user",
+    password: "scram-secret",
+};
+pub const MD5_USER: User = User {
+    name: "md5_user",
+    password: "md5-secret",
+};
+pub const PASSWORD_USER: User = User {
+    name: "password_user",
+    password: "plain-secret",
+};
+pub const TRUST_USER: User = User {
+    name: "trust_user",
+    password: "",
+};
+pub const REPLICATOR: User = User {
+    name: "replicator",
+    password: "repl-secret",
+};
 
 /// Database owned by `scram_user`, used by the client tests.
 pub const APP_DB: &str = "app";
@@ -66,7 +87,9 @@ pub fn as_postgres(program: impl AsRef<Path>) -> Command {
 
 /// Runs a command to completion and panics with its output if it fails.
 pub fn run_ok(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot spawn {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot spawn {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed with {}\nstdout:\n{}\nstderr:\n{}",
@@ -84,7 +107,10 @@ pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool)
         if cond() {
             return;
         }
-        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting until {what}");
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting until {what}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -102,13 +128,20 @@ pub fn free_port() -> u16 {
 pub fn target_dir() -> PathBuf {
     let exe = PathBuf::from(env!("CARGO_BIN_EXE_pgfailover"));
     // target/<profile>/pgfailover -> target
-    exe.parent().and_then(Path::parent).expect("binary path has a target dir").to_path_buf()
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("binary path has a target dir")
+        .to_path_buf()
 }
 
 /// Makes `path` owned by the postgres OS user with mode 0700, as initdb and
 /// the postmaster insist on.
 pub fn chown_postgres(path: &Path) {
-    run_ok(Command::new("chown").args(["-R", "postgres:postgres"]).arg(path));
+    run_ok(
+        Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(path),
+    );
     fs::set_permissions(path, fs::Permissions::from_mode(0o700)).expect("chmod 0700");
 }
 
@@ -173,5 +206,9 @@ pub fn tcp_dsn(port: u16, user: &str, password: &str, db: &str) -> String {
 /// The Python interpreter that has Debian's python3-psycopg2: a pyenv
 /// `python3` earlier on PATH may not have it.
 pub fn python3() -> &'static str {
-    if Path::new("/usr/bin/python3").exists() { "/usr/bin/python3" } else { "python3" }
+    if Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    }
 }

@@ -25,7 +25,12 @@ impl PgNode {
     /// A fresh primary copied from the template, started.
     pub fn primary(name: &str) -> Self {
         let node = Self::empty(name);
-        run_ok(Command::new("cp").arg("-a").arg(template_dir()).arg(node.data_dir()));
+        run_ok(
+            Command::new("cp")
+                .arg("-a")
+                .arg(template_dir())
+                .arg(node.data_dir()),
+        );
         node.started()
     }
 
@@ -33,7 +38,12 @@ impl PgNode {
     /// physical replication slot (`-C -S slot -R`), started.
     pub fn standby_of(name: &str, primary: &PgNode, slot: &str) -> Self {
         let node = Self::empty(name);
-        let conninfo = tcp_dsn(primary.port, REPLICATOR.name, REPLICATOR.password, "replication");
+        let conninfo = tcp_dsn(
+            primary.port,
+            REPLICATOR.name,
+            REPLICATOR.password,
+            "replication",
+        );
         run_ok(
             as_postgres(pg_bin("pg_basebackup"))
                 .arg("-D")
@@ -47,7 +57,11 @@ impl PgNode {
 
     fn empty(name: &str) -> Self {
         let dir = TempDir::new(&format!("pgf-{name}"));
-        Self { name: name.to_string(), port: free_port(), dir }
+        Self {
+            name: name.to_string(),
+            port: free_port(),
+            dir,
+        }
     }
 
     fn started(mut self) -> Self {
@@ -94,7 +108,10 @@ impl PgNode {
             );
             self.port = free_port();
         }
-        panic!("{} found no free port in {START_ATTEMPTS} attempts", self.name);
+        panic!(
+            "{} found no free port in {START_ATTEMPTS} attempts",
+            self.name
+        );
     }
 
     /// Settings that differ per node. `include_if_exists` in the template
@@ -150,7 +167,10 @@ impl PgNode {
 
     fn pg_ctl(&self, args: &[&str]) -> Output {
         let mut cmd = as_postgres(pg_bin("pg_ctl"));
-        cmd.arg("-D").arg(self.data_dir()).args(["-w", "-t", "120"]).args(args);
+        cmd.arg("-D")
+            .arg(self.data_dir())
+            .args(["-w", "-t", "120"])
+            .args(args);
         cmd.output().expect("spawn pg_ctl")
     }
 
@@ -192,7 +212,12 @@ impl Drop for PgNode {
     fn drop(&mut self) {
         if std::thread::panicking() {
             let log = self.log_path();
-            eprintln!("--- {} log ({}), last lines:\n{}", self.name, log.display(), tail(&log, 15));
+            eprintln!(
+                "--- {} log ({}), last lines:\n{}",
+                self.name,
+                log.display(),
+                tail(&log, 15)
+            );
         }
         if self.postmaster_pid().is_none() {
             return;

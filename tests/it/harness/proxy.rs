@@ -66,7 +66,6 @@ impl ProxyProcess {
     pub fn dsn(&self, user: &str, password: &str, db: &str) -> String {
         tcp_dsn(self.port, user, password, db)
     }
-
 }
 
 /// True once `port` accepts TCP, false if the process exited first.
@@ -83,7 +82,10 @@ fn wait_listening(child: &mut Child, port: u16, log_path: &Path) -> bool {
             // Not yet owned by a ProxyProcess: kill it here, Drop won't.
             let _ = child.kill();
             let _ = child.wait();
-            panic!("proxy did not listen on {port} within {DEADLINE:?}\n{}", tail(log_path, 40));
+            panic!(
+                "proxy did not listen on {port} within {DEADLINE:?}\n{}",
+                tail(log_path, 40)
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -92,15 +94,25 @@ fn wait_listening(child: &mut Child, port: u16, log_path: &Path) -> bool {
 fn spawn(log_path: &Path, port: u16, nodes: &[(&str, u16)], extra_args: &[&str]) -> Child {
     let log = File::create(log_path).expect("create proxy.log");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgfailover"));
-    cmd.arg("proxy").arg("--listen").arg(format!("127.0.0.1:{port}"));
+    cmd.arg("proxy")
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"));
     for (name, node_port) in nodes {
-        cmd.arg("--node").arg(format!("{name}=127.0.0.1:{node_port}"));
+        cmd.arg("--node")
+            .arg(format!("{name}=127.0.0.1:{node_port}"));
     }
-    cmd.args(["--monitor-user", MONITOR.name, "--monitor-interval", "200ms"]);
+    cmd.args([
+        "--monitor-user",
+        MONITOR.name,
+        "--monitor-interval",
+        "200ms",
+    ]);
     cmd.args(["--hold-timeout", "10s"]).args(extra_args);
-    cmd.env("PGFAILOVER_MONITOR_PASSWORD", MONITOR.password).env("RUST_LOG", "debug");
+    cmd.env("PGFAILOVER_MONITOR_PASSWORD", MONITOR.password)
+        .env("RUST_LOG", "debug");
     cmd.stdin(Stdio::null());
-    cmd.stdout(log.try_clone().expect("clone log handle")).stderr(log);
+    cmd.stdout(log.try_clone().expect("clone log handle"))
+        .stderr(log);
     cmd.spawn().expect("spawn pgfailover proxy")
 }
 
@@ -110,7 +122,11 @@ impl Drop for ProxyProcess {
         let _ = self.child.wait();
         if std::thread::panicking() {
             let path = self.log_path();
-            eprintln!("--- proxy log ({}), last lines:\n{}", path.display(), tail(&path, 60));
+            eprintln!(
+                "--- proxy log ({}), last lines:\n{}",
+                path.display(),
+                tail(&path, 60)
+            );
         }
     }
 }

@@ -119,7 +119,11 @@ fn build_into(dir: &Path) {
     if let Err(e) = fs::rename(&tmp, dir) {
         // Lost the race: someone else installed a template meanwhile.
         let _ = fs::remove_dir_all(&tmp);
-        assert!(is_current(dir), "cannot install template at {}: {e}", dir.display());
+        assert!(
+            is_current(dir),
+            "cannot install template at {}: {e}",
+            dir.display()
+        );
     }
 }
 
@@ -128,7 +132,12 @@ fn initdb(data: &Path) {
         as_postgres(pg_bin("initdb"))
             .arg("-D")
             .arg(data)
-            .args(["-U", "postgres", "--auth-local=trust", "--auth-host=scram-sha-256"])
+            .args([
+                "-U",
+                "postgres",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+            ])
             .args(["--data-checksums", "--encoding=UTF8", "--locale=C"])
             .args(["--no-sync", "--no-instructions"]),
     );
@@ -144,10 +153,18 @@ fn configure_roles(data: &Path) {
     let sock = TempDir::new("pgt");
     let log = sock.path().join("template.log");
     let port = "5432";
-    let opts = format!("-p {port} -k {} -c listen_addresses=", sock.path().display());
+    let opts = format!(
+        "-p {port} -k {} -c listen_addresses=",
+        sock.path().display()
+    );
     let pg_ctl = |args: &[&str]| {
         let mut cmd = as_postgres(pg_bin("pg_ctl"));
-        cmd.arg("-D").arg(data).arg("-l").arg(&log).args(["-w", "-t", "120"]).args(args);
+        cmd.arg("-D")
+            .arg(data)
+            .arg("-l")
+            .arg(&log)
+            .args(["-w", "-t", "120"])
+            .args(args);
         cmd.output().expect("spawn pg_ctl")
     };
     let started = pg_ctl(&["-o", &opts, "start"]);
@@ -158,7 +175,9 @@ fn configure_roles(data: &Path) {
         super::tail(&log, 30)
     );
     let mut psql = as_postgres(pg_bin("psql"));
-    psql.arg("-h").arg(sock.path()).args(["-p", port, "-U", "postgres", "-d", "postgres"]);
+    psql.arg("-h")
+        .arg(sock.path())
+        .args(["-p", port, "-U", "postgres", "-d", "postgres"]);
     psql.args(["-X", "-q", "-v", "ON_ERROR_STOP=1"]);
     for sql in SETUP_SQL {
         psql.args(["-c", sql]);
@@ -170,5 +189,8 @@ fn configure_roles(data: &Path) {
         "template setup SQL failed: {}",
         String::from_utf8_lossy(&setup.stderr)
     );
-    assert!(stopped.status.success(), "template server did not stop cleanly");
+    assert!(
+        stopped.status.success(),
+        "template server did not stop cleanly"
+    );
 }
