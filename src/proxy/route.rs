@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 use tokio::time::{Instant, sleep_until, timeout, timeout_at};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::error::SessionError;
 use crate::config::NodeSpec;
@@ -44,7 +44,10 @@ pub async fn connect_writable(
                 }
             }
         }
-        held_since.get_or_insert_with(Instant::now);
+        if held_since.is_none() {
+            debug!(states = %snapshot.describe(), "no writable node; holding the session");
+            held_since = Some(Instant::now());
+        }
         let woken = tokio::select! {
             changed = timeout_at(deadline, changes.changed()) => changed.is_ok(),
             _ = sleep_until(retry_at.unwrap_or(deadline)), if retry_at.is_some() => true,

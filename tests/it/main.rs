@@ -12,6 +12,7 @@
 #[allow(dead_code)]
 mod harness;
 mod util;
+mod wire;
 
 mod auth;
 mod cancel;
@@ -19,6 +20,8 @@ mod clients;
 mod copy;
 mod disconnect;
 mod harness_selftest;
+mod hostile;
 mod notify;
 mod pgbench;
 mod psycopg;
+mod routing;

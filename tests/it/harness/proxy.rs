@@ -107,7 +107,11 @@ fn spawn(log_path: &Path, port: u16, nodes: &[(&str, u16)], extra_args: &[&str])
         "--monitor-interval",
         "200ms",
     ]);
-    cmd.args(["--hold-timeout", "10s"]).args(extra_args);
+    // clap refuses a flag given twice: extra_args may override the default.
+    if !extra_args.contains(&"--hold-timeout") {
+        cmd.args(["--hold-timeout", "10s"]);
+    }
+    cmd.args(extra_args);
     cmd.env("PGFAILOVER_MONITOR_PASSWORD", MONITOR.password)
         .env("RUST_LOG", "debug");
     cmd.stdin(Stdio::null());
