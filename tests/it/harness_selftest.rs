@@ -5,7 +5,7 @@ use crate::harness::{
     APP_DB, DEADLINE, MD5_USER, MONITOR, PASSWORD_USER, PgCluster, SCRAM_USER, SUPERUSER,
     TRUST_USER, User, wait_until,
 };
-use crate::util::{connect, describe, try_connect};
+use crate::util::{connect, connect_err, describe};
 
 #[test]
 fn standby_streams_and_replicates() {
@@ -69,10 +69,7 @@ async fn direct_wrong_password_is_refused() {
             ..user
         };
         let dsn = cluster.primary.dsn(wrong.name, wrong.password, APP_DB);
-        let err = try_connect(&dsn)
-            .await
-            .err()
-            .expect("wrong password must fail");
+        let err = connect_err(&dsn).await;
         assert!(
             describe(&err).starts_with("28P01"),
             "{}: {}",

@@ -9,7 +9,7 @@
 
 // Part of the harness API (kill9, promote, ...) exists for the failover
 // tests that come later.
-#[allow(dead_code)]
+#[allow(dead_code, unused_imports)]
 mod harness;
 mod util;
 mod wire;
