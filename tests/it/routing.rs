@@ -88,3 +88,25 @@ async fn no_writable_node_for_the_whole_hold_gets_57p03() {
     );
     println!("57P03 after {waited:?}: {} ({detail})", db.message());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_accepting_and_lets_sessions_finish() {
+    let mut proxied = ProxiedCluster::start_with(&["--shutdown-timeout", "60s"]);
+    let dsn = proxied.dsn(SCRAM_USER.name, SCRAM_USER.password, APP_DB);
+    let open = connect(&dsn).await;
+    crate::util::signal(proxied.proxy.pid(), "TERM");
+    wait_until("the proxy stops accepting", DEADLINE, || {
+        std::net::TcpStream::connect(("127.0.0.1", proxied.proxy.port())).is_err()
+    });
+    let row = open
+        .query_one("SELECT 40 + 2", &[])
+        .await
+        .expect("open session still served");
+    assert_eq!(row.get::<_, i32>(0), 42);
+    drop(open);
+    let status = proxied
+        .proxy
+        .wait_exit(DEADLINE)
+        .expect("proxy exits once drained");
+    assert!(status.success(), "{status:?}");
+}
