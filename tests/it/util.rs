@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::{Client, NoTls};
 
-use crate::harness::{DEADLINE, PgNode, wait_until};
+use crate::harness::{DEADLINE, PgNode, pg_bin, wait_until};
 
 /// Connects with tokio-postgres and drives the connection on a task.
 pub async fn connect(dsn: &str) -> Client {
@@ -65,7 +65,7 @@ pub fn psql_script(dsn: &str, script: &str) -> Output {
 }
 
 pub fn psql_command(dsn: &str, args: &[&str]) -> Command {
-    let mut cmd = Command::new("psql");
+    let mut cmd = Command::new(pg_bin("psql"));
     cmd.arg(dsn).args(["-X", "-A", "-t"]).args(args);
     // A stray PGPASSWORD/PGSERVICE in the environment must not decide a test.
     for var in [
