@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 use crate::app;
-use crate::config::{MONITOR_PASSWORD_ENV, ProxyConfig, ProxyOptions};
+use crate::config::{EnvSecrets, ProxyConfig, ProxyOptions, WitnessConfig, WitnessOptions};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -21,49 +21,96 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the PostgreSQL wire-protocol proxy with its node monitor.
-    Proxy(ProxyOptions),
-    /// Validate the proxy's flags, environment and config file, then exit.
-    CheckConfig(ProxyOptions),
+    /// Run the PostgreSQL wire-protocol proxy with its monitor, voter and
+    /// failover coordinator.
+    Proxy(Box<ProxyOptions>),
+    /// Run a witness: a voter with its own view of the nodes and no data.
+    Witness(Box<WitnessOptions>),
+    /// Validate a member's flags, environment and config file, then exit:
+    /// `check-config [proxy|witness] FLAGS` (proxy when omitted).
+    #[command(args_conflicts_with_subcommands = true)]
+    CheckConfig(Box<CheckConfigArgs>),
+}
+
+#[derive(Debug, clap::Args)]
+struct CheckConfigArgs {
+    #[command(subcommand)]
+    target: Option<CheckTarget>,
+    #[command(flatten)]
+    proxy: ProxyOptions,
+}
+
+#[derive(Debug, Subcommand)]
+enum CheckTarget {
+    Proxy(Box<ProxyOptions>),
+    Witness(Box<WitnessOptions>),
 }
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
+    let env = EnvSecrets::from_process();
     match cli.command {
-        Command::Proxy(options) => match resolve(options) {
-            Ok(config) => run_proxy(config),
-            Err(code) => code,
+        Command::Proxy(options) => match ProxyConfig::resolve(*options, env) {
+            Ok(config) => run(app::run_proxy(config)),
+            Err(e) => invalid(e),
         },
-        Command::CheckConfig(options) => match resolve(options) {
-            Ok(config) => {
-                eprintln!(
-                    "configuration OK: listen {}, nodes {}",
-                    config.listen,
-                    config
-                        .nodes
-                        .iter()
-                        .map(|n| format!("{}={}", n.name, n.address()))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                );
-                ExitCode::SUCCESS
-            }
-            Err(code) => code,
+        Command::Witness(options) => match WitnessConfig::resolve(*options, env) {
+            Ok(config) => run(app::run_witness(config)),
+            Err(e) => invalid(e),
         },
+        Command::CheckConfig(args) => check_config(args, env),
     }
 }
 
-fn resolve(options: ProxyOptions) -> Result<ProxyConfig, ExitCode> {
-    let password = std::env::var(MONITOR_PASSWORD_ENV).ok();
-    ProxyConfig::resolve(options, password).map_err(|e| {
-        eprintln!("pgfailover: invalid configuration: {e}");
-        ExitCode::from(2)
-    })
+fn check_config(args: Box<CheckConfigArgs>, env: EnvSecrets) -> ExitCode {
+    let args = *args;
+    let target = args
+        .target
+        .unwrap_or(CheckTarget::Proxy(Box::new(args.proxy)));
+    let summary = match target {
+        CheckTarget::Proxy(options) => ProxyConfig::resolve(*options, env).map(|c| {
+            format!(
+                "proxy {} on {}, nodes {}, voters {}",
+                c.member.name,
+                c.listen,
+                node_list(&c.nodes),
+                c.member.voters.len()
+            )
+        }),
+        CheckTarget::Witness(options) => WitnessConfig::resolve(*options, env).map(|c| {
+            format!(
+                "witness {}, nodes {}, voters {}",
+                c.member.name,
+                node_list(&c.monitor.nodes),
+                c.member.voters.len()
+            )
+        }),
+    };
+    match summary {
+        Ok(summary) => {
+            eprintln!("configuration OK: {summary}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => invalid(e),
+    }
 }
 
-fn run_proxy(config: ProxyConfig) -> ExitCode {
+fn node_list(nodes: &[std::sync::Arc<crate::config::NodeSpec>]) -> String {
+    nodes
+        .iter()
+        .map(|n| format!("{}={}", n.name, n.address()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn invalid(e: crate::config::ConfigError) -> ExitCode {
+    eprintln!("pgfailover: invalid configuration: {e}");
+    ExitCode::from(2)
+}
+
+fn run(work: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -74,7 +121,7 @@ fn run_proxy(config: ProxyConfig) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(app::run_proxy(config)) {
+    match runtime.block_on(work) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("pgfailover: {e:#}");

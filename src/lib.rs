@@ -3,12 +3,20 @@
 //!
 //! - `protocol`: the wire-protocol pieces the handshake decodes;
 //! - `proxy`: the data plane (listener, handshake, route, relay);
-//! - `monitor` and `topology`: the control plane's view of the nodes;
+//! - `monitor` and `topology`: each member's view of the nodes;
+//! - `consensus`: votes, routing leases and terms between members;
+//! - `failover`: the proxy's coordinator (promote, fence, re-point);
+//! - `admin`: the HTTP API (health, status, events, voter calls);
+//! - `events`: the decision history;
 //! - `config`, `cli`, `app`: flags, subcommands and wiring.
 
+pub mod admin;
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod consensus;
+pub mod events;
+pub mod failover;
 pub mod monitor;
 pub mod protocol;
 pub mod proxy;

@@ -1,16 +1,24 @@
 //! The cluster as the data plane sees it: an immutable snapshot behind
-//! `ArcSwap`, read lock-free by every new session, replaced whole by the
-//! control plane. A `watch` channel wakes sessions held for a route.
+//! `ArcSwap`, read lock-free by every new session, replaced whole when
+//! something that matters for routing changes. A `watch` channel wakes
+//! sessions held for a route and relays whose route went away.
+//!
+//! The monitor writes node health; the failover coordinator writes the
+//! term, the routed primary and the reason writes are blocked. Fine-grained
+//! node status (WAL positions, replicas) changes every probe, so it lives
+//! beside the snapshot and wakes nobody.
 
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::config::NodeSpec;
+use crate::monitor::NodeStatus;
 
-/// What the monitor last learnt about one node.
+/// What the monitor last judged about one node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NodeHealth {
     /// Not probed yet.
@@ -19,8 +27,16 @@ pub enum NodeHealth {
     Primary,
     /// Reachable and in recovery.
     Standby,
-    /// Not reachable, or the probe failed; the reason is for operators.
+    /// Failing, not long enough to be called down.
+    Suspect(String),
+    /// Down: clear evidence confirmed, or ambiguous for `down_after`.
     Down(String),
+}
+
+impl NodeHealth {
+    pub fn is_down(&self) -> bool {
+        matches!(self, Self::Down(_))
+    }
 }
 
 impl fmt::Display for NodeHealth {
@@ -29,6 +45,7 @@ impl fmt::Display for NodeHealth {
             Self::Unknown => f.write_str("not probed yet"),
             Self::Primary => f.write_str("primary"),
             Self::Standby => f.write_str("standby"),
+            Self::Suspect(reason) => write!(f, "suspect ({reason})"),
             Self::Down(reason) => write!(f, "down ({reason})"),
         }
     }
@@ -43,34 +60,65 @@ pub struct NodeState {
 /// One immutable view of the cluster.
 #[derive(Debug, Clone)]
 pub struct Topology {
-    /// Bumped on every change; lets tests and logs tell snapshots apart.
+    /// Bumped on every change.
     pub version: u64,
+    /// The cluster term (epoch) this view belongs to; 0 before the first.
+    pub term: u64,
+    /// Index of the primary of `term`, if one is known.
+    pub primary: Option<usize>,
+    /// Why writes are not routed to the primary right now (lease lost,
+    /// failover in progress, refusing to guess), if they are not.
+    pub blocked: Option<String>,
+    /// With more than one proxy, writes are routed only until the routing
+    /// lease runs out; checked at routing time, not only when renewed.
+    pub lease_until: Option<Instant>,
     pub nodes: Vec<NodeState>,
 }
 
 impl Topology {
-    /// The node new read-write sessions go to: the one writable node.
-    /// None when no node is writable, or when more than one is: two
-    /// writable nodes mean a split brain, and guessing would make it worse.
+    /// The node new read-write sessions go to: the primary of the current
+    /// term, while it answers as a primary and nothing blocks writes.
     pub fn writable(&self) -> Option<&Arc<NodeSpec>> {
-        let mut writable = self
-            .nodes
-            .iter()
-            .filter(|n| n.health == NodeHealth::Primary);
-        match (writable.next(), writable.next()) {
-            (Some(node), None) => Some(&node.spec),
-            _ => None,
+        if self.blocked.is_some() || self.lease_until.is_some_and(|t| Instant::now() >= t) {
+            return None;
         }
+        let node = self.nodes.get(self.primary?)?;
+        (node.health == NodeHealth::Primary).then_some(&node.spec)
     }
 
-    /// "n1: down (connection refused), n2: standby" for errors and logs.
+    /// True while sessions routed to `node` under `term` may go on.
+    /// Health is not part of it: a slow probe must not close sessions.
+    pub fn still_routes(&self, term: u64, node: &str) -> bool {
+        self.term == term && self.blocked.is_none() && self.primary_name() == Some(node)
+    }
+
+    pub fn primary_name(&self) -> Option<&str> {
+        self.primary
+            .and_then(|i| self.nodes.get(i))
+            .map(|n| n.spec.name.as_str())
+    }
+
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| n.spec.name == name)
+    }
+
+    /// "term 3, primary n2; n1: down (connection refused), n2: primary".
     pub fn describe(&self) -> String {
         let states: Vec<String> = self
             .nodes
             .iter()
             .map(|n| format!("{}: {}", n.spec.name, n.health))
             .collect();
-        states.join(", ")
+        let primary = self.primary_name().unwrap_or("none");
+        let mut text = format!(
+            "term {}, primary {primary}; {}",
+            self.term,
+            states.join(", ")
+        );
+        if let Some(reason) = &self.blocked {
+            text.push_str(&format!("; writes blocked: {reason}"));
+        }
+        text
     }
 }
 
@@ -80,12 +128,17 @@ pub struct TopologyStore {
     current: ArcSwap<Topology>,
     write_lock: Mutex<()>,
     changed: watch::Sender<u64>,
+    statuses: Mutex<Vec<Option<NodeStatus>>>,
 }
 
 impl TopologyStore {
     pub fn new(nodes: &[Arc<NodeSpec>]) -> Self {
         let topology = Topology {
             version: 0,
+            term: 0,
+            primary: None,
+            blocked: None,
+            lease_until: None,
             nodes: nodes
                 .iter()
                 .map(|spec| NodeState {
@@ -98,6 +151,7 @@ impl TopologyStore {
             current: ArcSwap::from_pointee(topology),
             write_lock: Mutex::new(()),
             changed: watch::channel(0).0,
+            statuses: Mutex::new(vec![None; nodes.len()]),
         }
     }
 
@@ -110,23 +164,77 @@ impl TopologyStore {
         self.changed.subscribe()
     }
 
-    /// Records a node's health; publishes a new snapshot only if it changed.
-    /// Returns the previous health when it did.
-    pub fn set_health(&self, index: usize, health: NodeHealth) -> Option<NodeHealth> {
+    /// Applies `change` to a copy of the snapshot and stores it if it
+    /// differs. Watchers are woken only when routing changed (not for a
+    /// renewed lease). Returns the snapshot before a routing change.
+    pub fn update(&self, change: impl FnOnce(&mut Topology)) -> Option<Arc<Topology>> {
         let _guard = self.write_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let current = self.current.load();
-        let node = current.nodes.get(index)?;
-        if node.health == health {
+        let before = self.current.load_full();
+        let mut next = Topology::clone(&before);
+        change(&mut next);
+        let routing_changed = !same_routing(&before, &next);
+        if !routing_changed && before.lease_until == next.lease_until {
             return None;
         }
-        let mut next = Topology::clone(&current);
-        next.version += 1;
-        let previous = std::mem::replace(&mut next.nodes[index].health, health);
+        next.version = before.version + 1;
         let version = next.version;
         self.current.store(Arc::new(next));
+        if !routing_changed {
+            return None;
+        }
         self.changed.send_replace(version);
-        Some(previous)
+        Some(before)
     }
+
+    /// Records a node's health. Returns the previous health if it changed.
+    pub fn set_health(&self, index: usize, health: NodeHealth) -> Option<NodeHealth> {
+        let before = self.update(|t| {
+            if let Some(node) = t.nodes.get_mut(index) {
+                node.health = health;
+            }
+        })?;
+        before.nodes.get(index).map(|n| n.health.clone())
+    }
+
+    /// Sets the term, its primary and whether writes are blocked.
+    pub fn set_route(&self, term: u64, primary: Option<usize>, blocked: Option<String>) -> bool {
+        self.update(|t| {
+            t.term = term;
+            t.primary = primary;
+            t.blocked = blocked;
+        })
+        .is_some()
+    }
+
+    /// Records the latest detailed status of a node (None: unreachable).
+    pub fn set_status(&self, index: usize, status: Option<NodeStatus>) {
+        let mut statuses = self.statuses.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(slot) = statuses.get_mut(index) {
+            // Keep the last status seen while the node is unreachable: the
+            // failover needs the old primary's last WAL position.
+            if status.is_some() {
+                *slot = status;
+            }
+        }
+    }
+
+    /// The last detailed status seen of each node.
+    pub fn statuses(&self) -> Vec<Option<NodeStatus>> {
+        self.statuses
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+fn same_routing(a: &Topology, b: &Topology) -> bool {
+    a.term == b.term
+        && a.primary == b.primary
+        && a.blocked == b.blocked
+        && a.nodes
+            .iter()
+            .zip(&b.nodes)
+            .all(|(x, y)| x.health == y.health)
 }
 
 #[cfg(test)]
@@ -148,14 +256,21 @@ mod tests {
     }
 
     #[test]
-    fn routes_only_to_a_single_writable_node() {
+    fn routes_only_to_the_primary_of_the_term() {
         let s = store();
-        assert!(s.load().writable().is_none());
         s.set_health(0, NodeHealth::Primary);
-        s.set_health(1, NodeHealth::Standby);
-        assert_eq!(s.load().writable().map(|n| n.name.as_str()), Some("n1"));
         s.set_health(1, NodeHealth::Primary);
-        assert!(s.load().writable().is_none(), "two primaries: never guess");
+        assert!(s.load().writable().is_none(), "no term yet: never guess");
+        s.set_route(1, Some(0), None);
+        assert_eq!(s.load().writable().map(|n| n.name.as_str()), Some("n1"));
+        s.set_health(0, NodeHealth::Suspect("slow".into()));
+        assert!(
+            s.load().writable().is_none(),
+            "a suspect primary holds sessions"
+        );
+        assert!(s.load().still_routes(1, "n1"), "but keeps the open ones");
+        s.set_route(1, Some(0), Some("lease lost".into()));
+        assert!(!s.load().still_routes(1, "n1"));
     }
 
     #[test]
@@ -165,6 +280,9 @@ mod tests {
         assert!(s.set_health(0, NodeHealth::Standby).is_some());
         assert!(s.set_health(0, NodeHealth::Standby).is_none());
         assert_eq!(*rx.borrow(), 1);
-        assert_eq!(s.load().describe(), "n1: standby, n2: not probed yet");
+        assert_eq!(
+            s.load().describe(),
+            "term 0, primary none; n1: standby, n2: not probed yet"
+        );
     }
 }

@@ -2,6 +2,7 @@
 //! connection and publishing the node's health into the topology.
 
 mod probe;
+mod status;
 
 use std::sync::Arc;
 
@@ -12,6 +13,7 @@ use crate::config::MonitorConfig;
 use crate::topology::TopologyStore;
 
 pub use probe::NodeProbe;
+pub use status::{Lsn, NodeStatus, Replica, format_lsn, parse_lsn};
 
 /// Starts one probe per node on `tasks`; they stop when `shutdown` fires.
 pub fn spawn(

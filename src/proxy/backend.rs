@@ -32,6 +32,7 @@ const AUTH_SASL_CONTINUE: u32 = 11;
 
 pub struct BackendConn {
     pub node: Arc<NodeSpec>,
+    term: u64,
     stream: TcpStream,
     buf: BytesMut,
 }
@@ -39,6 +40,8 @@ pub struct BackendConn {
 /// A backend session ready for the relay.
 pub struct ReadyBackend {
     pub node: Arc<NodeSpec>,
+    /// The term the session was routed under.
+    pub term: u64,
     pub stream: TcpStream,
     /// Bytes the backend sent after the first ReadyForQuery.
     pub pending: BytesMut,
@@ -47,9 +50,10 @@ pub struct ReadyBackend {
 }
 
 impl BackendConn {
-    pub fn new(node: Arc<NodeSpec>, stream: TcpStream) -> Self {
+    pub fn new(node: Arc<NodeSpec>, term: u64, stream: TcpStream) -> Self {
         Self {
             node,
+            term,
             stream,
             buf: BytesMut::with_capacity(4096),
         }
@@ -104,6 +108,7 @@ impl BackendConn {
                         .unwrap_or(TransactionStatus::Idle);
                     return Ok(ReadyBackend {
                         node: self.node,
+                        term: self.term,
                         stream: self.stream,
                         pending: self.buf,
                         status,

@@ -28,13 +28,11 @@ pub enum RelayEnd {
     ClientTerminated,
     /// The client vanished without Terminate (crash, kill, network).
     ClientVanished,
-    /// The backend closed or failed. `can_inject` is true when the client
-    /// stream is between messages and the backend's last message was not
-    /// already an error, so the proxy may add its own ErrorResponse.
-    BackendLost {
-        can_inject: bool,
-        error: Option<std::io::Error>,
-    },
+    /// The backend closed or failed.
+    BackendLost(Option<std::io::Error>),
+    /// The session's route went away (new term, lease lost); the reason
+    /// names the change.
+    Evicted(String),
 }
 
 /// The last transaction status seen, readable from outside the session
@@ -52,27 +50,55 @@ impl SessionStatus {
     }
 }
 
-/// Relays until either side ends. `*_pending` are bytes each side sent
-/// during the handshake that the other has not received yet.
+/// Where the backend-to-client stream stands, kept outside the relay's
+/// futures so it can be read after they are dropped.
+#[derive(Debug, Default)]
+pub struct Downstream {
+    tracker: BoundaryTracker,
+    /// A write to the client was cut short: the client may hold half a
+    /// message.
+    writing: bool,
+    broken: bool,
+}
+
+impl Downstream {
+    /// True when the proxy may send the client a message of its own: the
+    /// client has whole messages only, and the backend's last one was not
+    /// already an error.
+    pub fn can_inject(&self) -> bool {
+        !self.writing
+            && !self.broken
+            && self.tracker.at_boundary()
+            && self.tracker.last_tag() != Some(ERROR_RESPONSE)
+    }
+}
+
+/// Relays until either side ends or `evict` resolves. `*_pending` are
+/// bytes each side sent during the handshake that the other has not
+/// received yet.
 pub async fn relay(
     client: &mut TcpStream,
     client_pending: BytesMut,
     backend: &mut TcpStream,
     backend_pending: BytesMut,
     status: &SessionStatus,
+    downstream: &mut Downstream,
+    evict: impl Future<Output = String>,
 ) -> RelayEnd {
     let (mut client_read, mut client_write) = client.split();
     let (mut backend_read, mut backend_write) = backend.split();
     let upstream = client_to_backend(&mut client_read, &mut backend_write, client_pending);
-    let downstream = backend_to_client(
+    let down = backend_to_client(
         &mut backend_read,
         &mut client_write,
         backend_pending,
         status,
+        downstream,
     );
     tokio::select! {
         end = upstream => end,
-        end = downstream => end,
+        end = down => end,
+        reason = evict => RelayEnd::Evicted(reason),
     }
 }
 
@@ -91,10 +117,7 @@ async fn client_to_backend(
             // answers 08P01 itself); the proxy just stops following.
             tracking = tracking && tracker.feed(next).is_ok();
             if let Err(error) = backend.write_all(next).await {
-                return RelayEnd::BackendLost {
-                    can_inject: true,
-                    error: Some(error),
-                };
+                return RelayEnd::BackendLost(Some(error));
             }
         }
         let n = match client.read(&mut buf).await {
@@ -118,36 +141,29 @@ async fn backend_to_client(
     client: &mut WriteHalf<'_>,
     pending: BytesMut,
     status: &SessionStatus,
+    state: &mut Downstream,
 ) -> RelayEnd {
-    let mut tracker = BoundaryTracker::default();
     let mut buf = vec![0u8; RELAY_BUFFER];
     let mut next: &[u8] = &pending;
     loop {
         if !next.is_empty() {
-            if tracker.feed(next).is_err() {
-                return RelayEnd::BackendLost {
-                    can_inject: false,
-                    error: None,
-                };
+            if state.tracker.feed(next).is_err() {
+                state.broken = true;
+                return RelayEnd::BackendLost(None);
             }
-            if let Some(s) = tracker.last_status() {
+            if let Some(s) = state.tracker.last_status() {
                 status.set(s.as_byte());
             }
+            state.writing = true;
             if client.write_all(next).await.is_err() {
                 return RelayEnd::ClientVanished;
             }
+            state.writing = false;
         }
-        let read = backend.read(&mut buf).await;
-        let n = match read {
+        let n = match backend.read(&mut buf).await {
             Ok(n) if n > 0 => n,
-            other => {
-                let can_inject =
-                    tracker.at_boundary() && tracker.last_tag() != Some(ERROR_RESPONSE);
-                return RelayEnd::BackendLost {
-                    can_inject,
-                    error: other.err(),
-                };
-            }
+            Ok(_) => return RelayEnd::BackendLost(None),
+            Err(error) => return RelayEnd::BackendLost(Some(error)),
         };
         next = &buf[..n];
     }

@@ -16,6 +16,13 @@ use crate::topology::TopologyStore;
 /// topology changes first.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(200);
 
+/// A session's route: the node and the term it was chosen under.
+pub struct Route {
+    pub node: Arc<NodeSpec>,
+    pub term: u64,
+    pub stream: TcpStream,
+}
+
 /// Connects to the current writable node, waiting (woken by topology
 /// changes) until `deadline` when there is none or it cannot be reached.
 /// Cancel safe: holds nothing but a watch receiver.
@@ -23,7 +30,7 @@ pub async fn connect_writable(
     topology: &TopologyStore,
     connect_timeout: Duration,
     deadline: Instant,
-) -> Result<(Arc<NodeSpec>, TcpStream), SessionError> {
+) -> Result<Route, SessionError> {
     let mut changes = topology.subscribe();
     let mut held_since = None;
     loop {
@@ -36,7 +43,11 @@ pub async fn connect_writable(
                     if let Some(since) = held_since {
                         info!(node = %node.name, held_ms = Instant::elapsed(&since).as_millis() as u64, "held session routed");
                     }
-                    return Ok((Arc::clone(node), stream));
+                    return Ok(Route {
+                        node: Arc::clone(node),
+                        term: snapshot.term,
+                        stream,
+                    });
                 }
                 Err(reason) => {
                     warn!(node = %node.name, %reason, "cannot reach the writable node");
@@ -65,4 +76,33 @@ async fn connect(node: &NodeSpec, connect_timeout: Duration) -> Result<TcpStream
         .map_err(|e| e.to_string())?;
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
     Ok(stream)
+}
+
+/// Resolves when sessions routed to `node` under `term` must end (a new
+/// term, or writes blocked), with the reason the client will read.
+/// Cancel safe.
+pub async fn route_gone(topology: &TopologyStore, term: u64, node: &str) -> String {
+    let mut changes = topology.subscribe();
+    loop {
+        changes.borrow_and_update();
+        let snapshot = topology.load();
+        if !snapshot.still_routes(term, node) {
+            return match (&snapshot.blocked, snapshot.primary_name()) {
+                (Some(reason), _) => format!("writes to {node} stopped: {reason}; reconnect"),
+                (None, Some(new)) if new != node => {
+                    format!(
+                        "primary changed from {node} to {new} (term {}); reconnect",
+                        snapshot.term
+                    )
+                }
+                _ => format!(
+                    "{node} is no longer the primary (term {}); reconnect",
+                    snapshot.term
+                ),
+            };
+        }
+        if changes.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
 }

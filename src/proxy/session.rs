@@ -15,8 +15,8 @@ use super::cancel_map::send_cancel;
 use super::client::ClientConn;
 use super::error::SessionError;
 use super::handshake::{ClientRequest, negotiate};
-use super::relay::{RelayEnd, SessionStatus, relay};
-use super::route::connect_writable;
+use super::relay::{Downstream, RelayEnd, SessionStatus, relay};
+use super::route::{connect_writable, route_gone};
 use crate::protocol::error_response::{ProxyError, sqlstate};
 use crate::protocol::startup::StartupMessage;
 
@@ -81,10 +81,9 @@ async fn prepare(
     span.record("database", startup.database());
 
     let deadline = Instant::now() + proxy.config.hold_timeout;
-    let (node, stream) =
-        connect_writable(&proxy.topology, proxy.config.connect_timeout, deadline).await?;
-    span.record("node", node.name.as_str());
-    let backend = BackendConn::new(node, stream);
+    let route = connect_writable(&proxy.topology, proxy.config.connect_timeout, deadline).await?;
+    span.record("node", route.node.name.as_str());
+    let backend = BackendConn::new(route.node, route.term, route.stream);
     timeout(
         startup_timeout,
         backend.authenticate(client, &startup.raw, &proxy.cancel_map),
@@ -119,17 +118,25 @@ async fn relay_session(proxy: &Proxy, client: ClientConn, ready: ReadyBackend) {
     let mut backend = ready.stream;
     let status = SessionStatus::default();
     status.set(ready.status.as_byte());
+    let mut downstream = Downstream::default();
+    let node = ready.node.name.as_str();
+    let evict = route_gone(&proxy.topology, ready.term, node);
     let end = relay(
         &mut client,
         client_pending,
         &mut backend,
         ready.pending,
         &status,
+        &mut downstream,
+        evict,
     )
     .await;
     let last_status = char::from(status.get());
-    match end {
-        RelayEnd::ClientTerminated => debug!(%last_status, "session closed by client"),
+    let goodbye: Option<(&'static str, String)> = match end {
+        RelayEnd::ClientTerminated => {
+            debug!(%last_status, "session closed by client");
+            None
+        }
         RelayEnd::ClientVanished => {
             debug!(%last_status, "client vanished; cancelling its backend");
             // The backend may be running a query for nobody: cancel it,
@@ -138,17 +145,24 @@ async fn relay_session(proxy: &Proxy, client: ClientConn, ready: ReadyBackend) {
                 send_cancel(registration.target(), proxy.config.connect_timeout).await;
             }
             let _ = backend.write_all(&TERMINATE).await;
+            None
         }
-        RelayEnd::BackendLost { can_inject, error } => {
+        RelayEnd::BackendLost(error) => {
             warn!(error = ?error, "backend connection lost");
-            if can_inject {
-                let message = ProxyError::fatal(
-                    sqlstate::CONNECTION_FAILURE,
-                    format!("lost the connection to PostgreSQL node {}", ready.node.name),
-                );
-                let _ = client.write_all(&message.to_bytes()).await;
-            }
+            Some((
+                sqlstate::CONNECTION_FAILURE,
+                format!("lost the connection to PostgreSQL node {node}; reconnect"),
+            ))
         }
+        RelayEnd::Evicted(reason) => {
+            info!(%last_status, %reason, "closing session: its route is gone");
+            let _ = backend.write_all(&TERMINATE).await;
+            Some((sqlstate::ADMIN_SHUTDOWN, reason))
+        }
+    };
+    if let Some((code, message)) = goodbye.filter(|_| downstream.can_inject()) {
+        let error = ProxyError::fatal(code, message);
+        let _ = client.write_all(&error.to_bytes()).await;
     }
 }
 

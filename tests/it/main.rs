@@ -6,6 +6,8 @@
 //! Needs root (PostgreSQL runs as the `postgres` OS user via runuser) and
 //! Debian's postgresql-15 / postgresql-client-15 / python3-psycopg2.
 #![allow(clippy::unwrap_used)]
+// Tests print the figures they measure.
+#![allow(clippy::print_stdout)]
 
 // Part of the harness API (kill9, promote, ...) exists for the failover
 // tests that come later.

@@ -20,7 +20,8 @@ async fn landed_on(dsn: &str) -> (i32, bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_follow_a_manual_promotion() {
-    let proxied = ProxiedCluster::start();
+    // Manual mode: the proxy must follow an operator's promotion.
+    let proxied = ProxiedCluster::start_with(&["--failover", "manual"]);
     let dsn = proxied.dsn(SCRAM_USER.name, SCRAM_USER.password, APP_DB);
     let (primary, standby) = (&proxied.cluster.primary, &proxied.cluster.standby);
     assert_eq!(landed_on(&dsn).await, (i32::from(primary.port()), true));
@@ -37,7 +38,7 @@ async fn sessions_follow_a_manual_promotion() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_waits_for_a_writable_node() {
-    let proxied = ProxiedCluster::start_with(&["--hold-timeout", "60s"]);
+    let proxied = ProxiedCluster::start_with(&["--hold-timeout", "60s", "--failover", "manual"]);
     let dsn = proxied.dsn(SCRAM_USER.name, SCRAM_USER.password, APP_DB);
     let (primary, standby) = (&proxied.cluster.primary, &proxied.cluster.standby);
     primary.stop_immediate();
@@ -64,7 +65,7 @@ async fn a_session_waits_for_a_writable_node() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_writable_node_for_the_whole_hold_gets_57p03() {
-    let proxied = ProxiedCluster::start_with(&["--hold-timeout", "2s"]);
+    let proxied = ProxiedCluster::start_with(&["--hold-timeout", "2s", "--failover", "manual"]);
     let dsn = proxied.dsn(SCRAM_USER.name, SCRAM_USER.password, APP_DB);
     proxied.cluster.primary.stop_immediate();
     wait_until("the proxy sees the primary down", DEADLINE, || {

@@ -123,6 +123,10 @@ fn spawn(log_path: &Path, port: u16, nodes: &[(&str, u16)], extra_args: &[&str])
     if !extra_args.contains(&"--hold-timeout") {
         cmd.args(["--hold-timeout", "10s"]);
     }
+    if !extra_args.contains(&"--admin-listen") {
+        cmd.arg("--admin-listen")
+            .arg(format!("127.0.0.1:{}", free_port()));
+    }
     cmd.args(extra_args);
     cmd.env("PGFAILOVER_MONITOR_PASSWORD", MONITOR.password)
         .env("RUST_LOG", "debug");

@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 use super::{TempDir, as_postgres, chown_postgres, pg_bin, run_ok, target_dir};
 
 /// Bump whenever the template's contents change, so stale caches rebuild.
-const VERSION: &str = "1";
+const VERSION: &str = "2";
 const VERSION_FILE: &str = "pgfailover-template-version";
 
 /// Server settings shared by every node; per-node settings (port, socket
@@ -52,7 +52,9 @@ const SETUP_SQL: &[&str] = &[
     "SET password_encryption = 'scram-sha-256'; ALTER ROLE postgres PASSWORD 'postgres-secret'",
     // The monitor reads pg_is_in_recovery(), WAL positions and
     // pg_stat_replication; pg_promote is granted for future failover tests.
-    "CREATE ROLE pgfailover LOGIN PASSWORD 'monitor-secret' IN ROLE pg_monitor",
+    // The coordinator promotes, fences (ALTER SYSTEM, terminating client
+    // backends) and re-points standbys: it needs a superuser.
+    "CREATE ROLE pgfailover LOGIN SUPERUSER PASSWORD 'monitor-secret'",
     "GRANT EXECUTE ON FUNCTION pg_promote(boolean, integer) TO pgfailover",
     "CREATE ROLE scram_user LOGIN PASSWORD 'scram-secret'",
     "CREATE ROLE password_user LOGIN PASSWORD 'plain-secret'",

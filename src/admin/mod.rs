@@ -1,0 +1,223 @@
+//! The admin HTTP API of every member: health checks in Patroni's style,
+//! cluster status and events for operators, and the voters' internal
+//! calls. Read-only endpoints are open; every state-changing call needs
+//! the cluster token as a Bearer token.
+
+mod status;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Secret;
+use crate::consensus::Peers;
+use crate::consensus::messages::{
+    LeaseRequest, MemberKind, PublishRequest, StateResponse, VoteRequest,
+};
+use crate::events::EventLog;
+use crate::failover::{FailoverControl, LeaseKeeper};
+use crate::topology::TopologyStore;
+
+pub use status::{ClusterStatus, NodeReport, VoterReport};
+
+/// What the handlers need; shared by every request.
+pub struct AdminState {
+    pub kind: MemberKind,
+    pub topology: Arc<TopologyStore>,
+    pub events: Arc<EventLog>,
+    pub peers: Arc<Peers>,
+    pub token: Option<Secret>,
+    /// Present on proxies, which run failovers.
+    pub control: Option<Arc<FailoverControl>>,
+    pub lease: Option<Arc<LeaseKeeper>>,
+}
+
+type Shared = State<Arc<AdminState>>;
+
+pub fn router(state: Arc<AdminState>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/primary", get(primary))
+        .route("/replica", get(replica))
+        .route("/cluster", get(cluster))
+        .route("/events", get(events))
+        .route("/pause", post(pause))
+        .route("/resume", post(resume))
+        .route("/v1/state", get(voter_state))
+        .route("/v1/vote", post(vote))
+        .route("/v1/lease", post(lease))
+        .route("/v1/publish", post(publish))
+        .with_state(state)
+}
+
+/// Serves the API on `listener` until `shutdown` fires.
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: CancellationToken) {
+    let app = router(state);
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "admin API stopped");
+    }
+}
+
+/// Binds the admin listener, naming the address in the error.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    use anyhow::Context;
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen for the admin API on {addr}"))
+}
+
+async fn health() -> Response {
+    (StatusCode::OK, Json(serde_json::json!({ "status": "ok" }))).into_response()
+}
+
+/// 200 only while this proxy routes writes to a primary (HAProxy and
+/// Kubernetes checks use it as Patroni's `/primary`).
+async fn primary(State(state): Shared) -> Response {
+    let topology = state.topology.load();
+    match (state.kind, topology.writable()) {
+        (MemberKind::Proxy, Some(node)) => (
+            StatusCode::OK,
+            Json(serde_json::json!({ "primary": node.name, "term": topology.term })),
+        )
+            .into_response(),
+        _ => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({ "primary": null, "state": topology.describe() })),
+        )
+            .into_response(),
+    }
+}
+
+/// Node agents answer 200 while their node streams as a standby; other
+/// members have no node of their own.
+async fn replica() -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(serde_json::json!({ "replica": false })),
+    )
+        .into_response()
+}
+
+async fn cluster(State(state): Shared) -> Json<ClusterStatus> {
+    Json(status::collect(&state).await)
+}
+
+async fn events(State(state): Shared) -> Json<Vec<crate::events::Event>> {
+    Json(state.events.snapshot())
+}
+
+async fn pause(State(state): Shared, headers: HeaderMap) -> Response {
+    set_paused(&state, &headers, true)
+}
+
+async fn resume(State(state): Shared, headers: HeaderMap) -> Response {
+    set_paused(&state, &headers, false)
+}
+
+fn set_paused(state: &AdminState, headers: &HeaderMap, paused: bool) -> Response {
+    if let Err(denied) = authorize(state, headers) {
+        return *denied;
+    }
+    let Some(control) = &state.control else {
+        return (StatusCode::NOT_FOUND, "only a proxy runs failovers\n").into_response();
+    };
+    control.set_paused(paused);
+    let term = state.topology.load().term;
+    let kind = if paused { "paused" } else { "resumed" };
+    state.events.record(
+        term,
+        kind,
+        None,
+        format!("automatic failover {kind} by an operator"),
+    );
+    Json(serde_json::json!({ "failover_paused": paused })).into_response()
+}
+
+async fn voter_state(State(state): Shared) -> Json<StateResponse> {
+    let me = state.peers.me();
+    Json(StateResponse {
+        voter: me.name.clone(),
+        kind: me.kind,
+        record: me.record(),
+    })
+}
+
+async fn vote(
+    State(state): Shared,
+    headers: HeaderMap,
+    Json(request): Json<VoteRequest>,
+) -> Response {
+    if let Err(denied) = authorize(&state, &headers) {
+        return *denied;
+    }
+    Json(state.peers.me().vote(&request)).into_response()
+}
+
+async fn lease(
+    State(state): Shared,
+    headers: HeaderMap,
+    Json(request): Json<LeaseRequest>,
+) -> Response {
+    if let Err(denied) = authorize(&state, &headers) {
+        return *denied;
+    }
+    Json(state.peers.me().lease(&request)).into_response()
+}
+
+async fn publish(
+    State(state): Shared,
+    headers: HeaderMap,
+    Json(request): Json<PublishRequest>,
+) -> Response {
+    if let Err(denied) = authorize(&state, &headers) {
+        return *denied;
+    }
+    match state.peers.me().publish(&request) {
+        Ok(record) => Json(record).into_response(),
+        Err(reason) => (StatusCode::CONFLICT, reason).into_response(),
+    }
+}
+
+/// Checks the Bearer token in constant time; 401 names what is wrong but
+/// never echoes a token.
+fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), Box<Response>> {
+    let unauthorized = |why: &str| {
+        Err(Box::new(
+            (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                format!("{why}\n"),
+            )
+                .into_response(),
+        ))
+    };
+    let Some(expected) = &state.token else {
+        return unauthorized(
+            "no cluster token is configured on this member (PGFAILOVER_CLUSTER_TOKEN)",
+        );
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(token) if constant_time_eq(token.as_bytes(), expected.expose().as_bytes()) => Ok(()),
+        Some(_) => unauthorized("wrong cluster token"),
+        None => unauthorized("missing Authorization: Bearer <cluster token>"),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

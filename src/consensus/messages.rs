@@ -1,0 +1,82 @@
+//! The voters' HTTP/JSON messages.
+
+use serde::{Deserialize, Serialize};
+
+use super::record::VoterRecord;
+
+/// What a member is; only proxies route writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemberKind {
+    Proxy,
+    Witness,
+    Node,
+}
+
+/// Why a term is being started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ElectionReason {
+    /// First term of a cluster: the one writable node becomes primary.
+    Bootstrap,
+    /// The primary is down: promote a standby.
+    Failover,
+    /// The primary is down and another node was promoted outside
+    /// pgfailover: make it the primary of a new term.
+    Adopt,
+    /// Planned: the old primary is alive and being demoted.
+    Switchover,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VoteRequest {
+    pub term: u64,
+    /// Member asking for the vote.
+    pub candidate: String,
+    /// The primary the candidate wants to replace (none at bootstrap).
+    pub old_primary: Option<String>,
+    /// The node that will be primary of `term`.
+    pub new_primary: String,
+    pub reason: ElectionReason,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VoteResponse {
+    pub voter: String,
+    pub granted: bool,
+    pub reason: String,
+    /// Longest routing lease this voter granted for an older term that
+    /// still runs, in milliseconds: promotion waits it out.
+    pub lease_remaining_ms: u64,
+    pub record: VoterRecord,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LeaseRequest {
+    pub term: u64,
+    pub holder: String,
+    pub primary: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LeaseResponse {
+    pub voter: String,
+    pub granted: bool,
+    /// How long this voter holds the lease from when it answered.
+    pub duration_ms: u64,
+    pub reason: String,
+    pub record: VoterRecord,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PublishRequest {
+    pub term: u64,
+    pub primary: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StateResponse {
+    pub voter: String,
+    pub kind: MemberKind,
+    pub record: VoterRecord,
+}

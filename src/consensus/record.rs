@@ -1,0 +1,99 @@
+//! A voter's durable state: the highest term it voted in and for whom, and
+//! the latest published term with its primary. Written with fsync and an
+//! atomic rename before any answer that depends on it leaves the process.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::messages::MemberKind;
+
+const FILE_NAME: &str = "voter-state.json";
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VoterRecord {
+    /// Highest term this voter has voted in.
+    pub voted_term: u64,
+    /// Member it voted for in `voted_term`.
+    pub voted_for: Option<String>,
+    /// Latest published term and its primary node.
+    pub term: u64,
+    pub primary: Option<String>,
+    /// Kinds of the other members, as learnt from them (a proxy needs
+    /// routing leases only when another member may route writes).
+    #[serde(default)]
+    pub member_kinds: BTreeMap<String, MemberKind>,
+}
+
+/// Where the record lives; `None` keeps it in memory only (allowed for a
+/// lone proxy that is its own only voter).
+#[derive(Debug, Clone)]
+pub struct StateFile {
+    path: Option<PathBuf>,
+}
+
+impl StateFile {
+    pub fn in_dir(dir: Option<&Path>) -> Self {
+        Self {
+            path: dir.map(|d| d.join(FILE_NAME)),
+        }
+    }
+
+    pub fn load(&self) -> io::Result<VoterRecord> {
+        let Some(path) = &self.path else {
+            return Ok(VoterRecord::default());
+        };
+        match fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{}: {e}", path.display()),
+                )
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(VoterRecord::default()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Writes a temp file, fsyncs it, renames it over the record, and
+    /// fsyncs the directory so the rename itself survives a crash.
+    pub fn save(&self, record: &VoterRecord) -> io::Result<()> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        let dir = path.parent().unwrap_or(Path::new("."));
+        fs::create_dir_all(dir)?;
+        let tmp = path.with_extension("json.tmp");
+        let bytes = serde_json::to_vec_pretty(record).map_err(io::Error::other)?;
+        let mut file = File::create(&tmp)?;
+        file.write_all(&bytes)?;
+        file.sync_all()?;
+        fs::rename(&tmp, path)?;
+        File::open(dir)?.sync_all()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn survives_a_round_trip_through_disk() {
+        let dir = std::env::temp_dir().join(format!("pgf-record-{}", std::process::id()));
+        let file = StateFile::in_dir(Some(&dir));
+        assert_eq!(file.load().expect("empty"), VoterRecord::default());
+        let record = VoterRecord {
+            voted_term: 3,
+            voted_for: Some("p1".into()),
+            term: 2,
+            primary: Some("n2".into()),
+            member_kinds: [("w1".to_string(), MemberKind::Witness)].into(),
+        };
+        file.save(&record).expect("save");
+        assert_eq!(file.load().expect("load"), record);
+        fs::remove_dir_all(&dir).ok();
+    }
+}

@@ -1,0 +1,180 @@
+//! Terms: learning the newest one from the voters, winning a vote for the
+//! next one, and publishing it.
+
+use std::time::Duration;
+
+use tokio::time::sleep;
+use tracing::info;
+
+use super::{Coordinator, writable_nodes};
+use crate::consensus::majority;
+use crate::consensus::messages::{ElectionReason, PublishRequest, VoteRequest};
+use crate::topology::Topology;
+
+/// A won election.
+pub struct Won {
+    /// How long older routing leases granted by the voters still run.
+    pub lease_wait: Duration,
+}
+
+impl Coordinator {
+    /// Adopts the newest published term any voter knows, and learns the
+    /// other members' kinds (which decide whether leases are needed).
+    pub(super) async fn sync_term(&self) {
+        if self.peers.count() == 1 {
+            return;
+        }
+        let me = self.peers.me();
+        let mine = me.record();
+        for state in self.peers.states().await.into_iter().flatten() {
+            if state.voter != me.name {
+                me.remember_kind(&state.voter, state.kind);
+                self.lease.learn_kind(&state.voter, state.kind);
+            }
+            let record = state.record;
+            if record.term > mine.term
+                && let Some(primary) = record.primary.clone()
+            {
+                {
+                    let request = PublishRequest {
+                        term: record.term,
+                        primary,
+                    };
+                    if me.publish(&request).is_ok() {
+                        self.events.record(
+                            record.term,
+                            "term_learned",
+                            record.primary.as_deref(),
+                            format!(
+                                "voter {} knows term {}; following it",
+                                state.voter, record.term
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Cold start: with no recorded term, the single writable node becomes
+    /// the primary of term 1 (two writable nodes: refuse and say why).
+    pub(super) async fn bootstrap(&self, topology: &Topology) -> Result<(), String> {
+        let writable = writable_nodes(topology);
+        let [node] = writable.as_slice() else {
+            return Ok(());
+        };
+        self.elect(1, ElectionReason::Bootstrap, None, node).await?;
+        self.publish_term(1, node).await;
+        Ok(())
+    }
+
+    /// Asks every voter for a vote in `term`; wins with a strict majority.
+    pub(super) async fn elect(
+        &self,
+        term: u64,
+        reason: ElectionReason,
+        old_primary: Option<&str>,
+        new_primary: &str,
+    ) -> Result<Won, String> {
+        let request = VoteRequest {
+            term,
+            candidate: self.peers.me().name.clone(),
+            old_primary: old_primary.map(Into::into),
+            new_primary: new_primary.into(),
+            reason,
+        };
+        let needed = majority(self.peers.count());
+        let replies = self.peers.request_votes(&request).await;
+        let mut granted = 0;
+        let mut lease_wait = Duration::ZERO;
+        let mut refusals = Vec::new();
+        for reply in replies {
+            match reply {
+                Ok(r) if r.granted => {
+                    granted += 1;
+                    lease_wait = lease_wait.max(Duration::from_millis(r.lease_remaining_ms));
+                }
+                Ok(r) => refusals.push(format!("{}: {}", r.voter, r.reason)),
+                Err(e) => refusals.push(e),
+            }
+        }
+        if granted >= needed {
+            self.events.record(
+                term,
+                "election_won",
+                Some(new_primary),
+                format!("{granted} of {} votes ({reason:?})", self.peers.count()),
+            );
+            return Ok(Won { lease_wait });
+        }
+        let detail = format!(
+            "{granted} of {} votes, {needed} needed: {}",
+            self.peers.count(),
+            refusals.join("; ")
+        );
+        self.note(term, "election_lost", Some(new_primary), detail.clone());
+        // Desynchronize competing candidates before the next attempt.
+        let jitter = self.monitor.interval.mul_f64(rand::random::<f64>());
+        sleep(jitter).await;
+        Err(detail)
+    }
+
+    /// Publishes `term` with `primary` to every voter (this one first).
+    pub(super) async fn publish_term(&self, term: u64, primary: &str) {
+        let request = PublishRequest {
+            term,
+            primary: primary.into(),
+        };
+        let replies = self.peers.publish(&request).await;
+        let accepted = replies.iter().filter(|r| r.is_ok()).count();
+        info!(
+            term,
+            primary,
+            accepted,
+            voters = self.peers.count(),
+            "term published"
+        );
+        self.events.record(
+            term,
+            "term_published",
+            Some(primary),
+            format!(
+                "primary {primary}; {accepted} of {} voters recorded it",
+                self.peers.count()
+            ),
+        );
+        self.refresh_route();
+    }
+
+    /// True when a majority of voters confirm `term` is the newest: the
+    /// check before acting on a decision made in that term.
+    pub(super) async fn term_is_current(&self, term: u64) -> bool {
+        if self.peers.count() == 1 {
+            return self.peers.me().record().term == term;
+        }
+        let states = self.peers.states().await;
+        let mut confirmed = 0;
+        for state in states.iter().flatten() {
+            if state.record.term > term || state.record.voted_term > term {
+                return false;
+            }
+            if state.record.term == term {
+                confirmed += 1;
+            }
+        }
+        confirmed >= majority(self.peers.count())
+    }
+}
+
+impl Coordinator {
+    /// True when some voter already knows or voted in a term above `term`:
+    /// a decision of `term` must then not be executed.
+    pub(super) async fn newer_term_known(&self, term: u64) -> bool {
+        self.peers
+            .states()
+            .await
+            .iter()
+            .flatten()
+            .any(|s| s.record.term > term || s.record.voted_term > term)
+    }
+}

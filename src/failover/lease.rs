@@ -1,0 +1,148 @@
+//! Routing leases. With more than one proxy, a proxy routes writes to the
+//! primary of term T only while a majority of voters has renewed its lease
+//! for T; a voter that voted for T+1 renews no more, so the winner of T+1
+//! can wait out every lease before promoting. A lone proxy needs none:
+//! there is no second router to race, and no voter becomes a single point
+//! of failure for writes.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::{Instant, sleep};
+use tokio_util::sync::CancellationToken;
+
+use crate::consensus::messages::{LeaseRequest, MemberKind};
+use crate::consensus::{Peers, majority};
+use crate::events::EventLog;
+
+pub struct LeaseKeeper {
+    duration: Duration,
+    /// Kinds of the other voters; unknown ones count as possible proxies.
+    kinds: Mutex<BTreeMap<String, Option<MemberKind>>>,
+    valid_until: Mutex<Option<Instant>>,
+    changed: Notify,
+}
+
+impl LeaseKeeper {
+    pub fn new(
+        others: impl Iterator<Item = String>,
+        known: &BTreeMap<String, MemberKind>,
+        duration: Duration,
+    ) -> Self {
+        let kinds = others
+            .map(|n| (n.clone(), known.get(&n).copied()))
+            .collect();
+        Self {
+            duration,
+            kinds: Mutex::new(kinds),
+            valid_until: Mutex::new(None),
+            changed: Notify::new(),
+        }
+    }
+
+    /// True when another voter is, or may be, a proxy.
+    pub fn needed(&self) -> bool {
+        let kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
+        kinds
+            .values()
+            .any(|k| matches!(k, None | Some(MemberKind::Proxy)))
+    }
+
+    pub fn learn_kind(&self, name: &str, kind: MemberKind) {
+        let mut kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(slot) = kinds.get_mut(name)
+            && *slot != Some(kind)
+        {
+            *slot = Some(kind);
+            self.changed.notify_waiters();
+        }
+    }
+
+    pub fn valid_until(&self) -> Option<Instant> {
+        *self.valid_until.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn is_valid(&self) -> bool {
+        self.valid_until().is_some_and(|t| Instant::now() < t)
+    }
+
+    /// The instant routing must stop, when leases are needed.
+    pub fn route_deadline(&self) -> Option<Instant> {
+        self.needed()
+            .then(|| self.valid_until().unwrap_or_else(Instant::now))
+    }
+
+    /// Resolves when the lease state or the need for it changes.
+    pub async fn changed(&self) {
+        self.changed.notified().await;
+    }
+
+    /// Renews the lease every quarter of its duration while it is needed.
+    pub async fn run(
+        self: Arc<Self>,
+        peers: Arc<Peers>,
+        events: Arc<EventLog>,
+        shutdown: CancellationToken,
+    ) {
+        let every = self.duration / 4;
+        loop {
+            if self.needed() {
+                self.renew(&peers, &events).await;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = sleep(every) => {}
+            }
+        }
+    }
+
+    async fn renew(&self, peers: &Peers, events: &EventLog) {
+        let record = peers.me().record();
+        let Some(primary) = record.primary.clone() else {
+            return;
+        };
+        let request = LeaseRequest {
+            term: record.term,
+            holder: peers.me().name.clone(),
+            primary,
+        };
+        let sent = Instant::now();
+        let replies = peers.renew_leases(&request).await;
+        let granted: Vec<u64> = replies
+            .iter()
+            .flatten()
+            .filter(|r| r.granted)
+            .map(|r| r.duration_ms)
+            .collect();
+        if granted.len() < majority(peers.count()) {
+            if self.is_valid() {
+                let refusals: Vec<String> = replies
+                    .iter()
+                    .map(|r| match r {
+                        Ok(r) => format!("{}: {}", r.voter, r.reason),
+                        Err(e) => e.clone(),
+                    })
+                    .collect();
+                events.record(record.term, "lease_not_renewed", None, refusals.join("; "));
+            }
+            return;
+        }
+        // Count from when the request left, with the shortest duration any
+        // voter granted: never past any voter's own expiry.
+        let shortest = granted.into_iter().min().unwrap_or_default();
+        let until = sent + Duration::from_millis(shortest);
+        let was_valid = self.is_valid();
+        *self.valid_until.lock().unwrap_or_else(|e| e.into_inner()) = Some(until);
+        if !was_valid {
+            events.record(
+                record.term,
+                "lease_acquired",
+                None,
+                "routing lease granted by a majority",
+            );
+            self.changed.notify_waiters();
+        }
+    }
+}

@@ -1,0 +1,252 @@
+//! The SQL the control plane runs on nodes: promote, fence, re-point a
+//! standby, manage synchronous replication. Each action opens its own
+//! short connection with the monitor's credentials, bounded in time.
+
+use std::time::Duration;
+
+use tokio::time::timeout;
+use tokio_postgres::{Client, NoTls};
+
+use crate::config::{MonitorConfig, NodeSpec};
+
+/// Bound on one action (promotion may wait for the end of recovery).
+const ACTION_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub struct NodeSql<'a> {
+    pub node: &'a NodeSpec,
+    pub monitor: &'a MonitorConfig,
+}
+
+impl NodeSql<'_> {
+    async fn connect(&self) -> Result<Client, String> {
+        let mut pg = tokio_postgres::Config::new();
+        pg.host(&self.node.host)
+            .port(self.node.port)
+            .user(&self.monitor.user)
+            .dbname(&self.monitor.dbname)
+            .application_name("pgfailover-control")
+            .connect_timeout(self.monitor.probe_timeout() * 2);
+        if let Some(password) = &self.monitor.password {
+            pg.password(password.expose());
+        }
+        let (client, connection) = pg
+            .connect(NoTls)
+            .await
+            .map_err(|e| format!("connect to {}: {e}", self.node.name))?;
+        tokio::spawn(connection);
+        Ok(client)
+    }
+
+    /// Runs statements in order on one connection.
+    async fn run(&self, statements: &[&str]) -> Result<(), String> {
+        let work = async {
+            let client = self.connect().await?;
+            for sql in statements {
+                client
+                    .batch_execute(sql)
+                    .await
+                    .map_err(|e| format!("{} on {}: {}", sql, self.node.name, describe(&e)))?;
+            }
+            Ok(())
+        };
+        timeout(ACTION_TIMEOUT, work).await.map_err(|_| {
+            format!(
+                "{} did not answer within {ACTION_TIMEOUT:?}",
+                self.node.name
+            )
+        })?
+    }
+
+    /// Promotes a standby, first lifting any fence left from an earlier
+    /// life as a stale primary, and checks it is writable.
+    pub async fn promote(&self) -> Result<(), String> {
+        self.run(&[
+            "ALTER SYSTEM RESET default_transaction_read_only",
+            "SELECT pg_reload_conf()",
+        ])
+        .await?;
+        let work = async {
+            let client = self.connect().await?;
+            let row = client
+                .query_one("SELECT pg_promote(true, 60)", &[])
+                .await
+                .map_err(|e| format!("pg_promote on {}: {}", self.node.name, describe(&e)))?;
+            if !row.get::<_, bool>(0) {
+                return Err(format!("pg_promote on {} returned false", self.node.name));
+            }
+            let row = client
+                .query_one("SELECT pg_is_in_recovery()", &[])
+                .await
+                .map_err(|e| describe(&e))?;
+            if row.get::<_, bool>(0) {
+                return Err(format!(
+                    "{} is still in recovery after promotion",
+                    self.node.name
+                ));
+            }
+            Ok(())
+        };
+        timeout(ACTION_TIMEOUT, work)
+            .await
+            .map_err(|_| format!("promotion of {} timed out", self.node.name))?
+    }
+
+    /// Soft fence: new transactions read-only by default, and every client
+    /// backend terminated so no open session keeps writing.
+    pub async fn fence(&self) -> Result<(), String> {
+        self.run(&[
+            "ALTER SYSTEM SET default_transaction_read_only = on",
+            "SELECT pg_reload_conf()",
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
+        ])
+        .await
+    }
+
+    /// Waits until a standby has replayed everything it received, up to
+    /// `limit`.
+    pub async fn wait_replay(&self, limit: Duration) -> Result<(), String> {
+        let work = async {
+            let client = self.connect().await?;
+            loop {
+                let row = client
+                    .query_one(
+                        "SELECT pg_last_wal_replay_lsn() >= pg_last_wal_receive_lsn() \
+                         OR pg_last_wal_receive_lsn() IS NULL",
+                        &[],
+                    )
+                    .await
+                    .map_err(|e| describe(&e))?;
+                if row.get::<_, Option<bool>>(0).unwrap_or(true) {
+                    return Ok(());
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        timeout(limit, work).await.map_err(|_| {
+            format!(
+                "{} did not finish replaying within {limit:?}",
+                self.node.name
+            )
+        })?
+    }
+
+    /// Points a standby at `primary`: same conninfo (user, password,
+    /// application_name) with host and port replaced, slot named after
+    /// the standby, then reload.
+    pub async fn repoint(&self, primary: &NodeSpec, slot: &str) -> Result<(), String> {
+        let client = self.connect().await?;
+        let row = client
+            .query_one("SELECT current_setting('primary_conninfo')", &[])
+            .await
+            .map_err(|e| describe(&e))?;
+        let conninfo = retarget_conninfo(row.get(0), primary);
+        let statements = [
+            format!(
+                "ALTER SYSTEM SET primary_conninfo = {}",
+                quote_literal(&conninfo)
+            ),
+            format!(
+                "ALTER SYSTEM SET primary_slot_name = {}",
+                quote_literal(slot)
+            ),
+            "SELECT pg_reload_conf()".to_string(),
+        ];
+        for sql in &statements {
+            client
+                .batch_execute(sql)
+                .await
+                .map_err(|e| format!("re-pointing {}: {}", self.node.name, describe(&e)))?;
+        }
+        Ok(())
+    }
+
+    /// Creates a physical replication slot unless it exists.
+    pub async fn ensure_slot(&self, slot: &str) -> Result<(), String> {
+        let sql = format!(
+            "SELECT pg_create_physical_replication_slot({}) \
+             WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = {})",
+            quote_literal(slot),
+            quote_literal(slot)
+        );
+        self.run(&[&sql]).await
+    }
+
+    pub async fn set_synchronous_standby_names(&self, value: &str) -> Result<(), String> {
+        let sql = format!(
+            "ALTER SYSTEM SET synchronous_standby_names = {}",
+            quote_literal(value)
+        );
+        self.run(&[&sql, "SELECT pg_reload_conf()"]).await
+    }
+}
+
+/// Replaces `host` and `port` in a libpq key=value conninfo, keeping the
+/// rest (user, password, application_name, ...).
+pub fn retarget_conninfo(conninfo: &str, primary: &NodeSpec) -> String {
+    let mut kept: Vec<&str> = conninfo
+        .split_whitespace()
+        .filter(|kv| {
+            !kv.starts_with("host=") && !kv.starts_with("port=") && !kv.starts_with("hostaddr=")
+        })
+        .collect();
+    let host = format!("host={}", primary.host);
+    let port = format!("port={}", primary.port);
+    kept.insert(0, &port);
+    kept.insert(0, &host);
+    kept.join(" ")
+}
+
+/// Physical slot name for a standby node (slot names allow [a-z0-9_]).
+pub fn slot_name(node: &str) -> String {
+    let cleaned: String = node
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("pgfailover_{cleaned}")
+}
+
+fn quote_literal(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retargets_host_and_port_only() {
+        let primary = NodeSpec {
+            name: "n2".into(),
+            host: "10.0.0.2".into(),
+            port: 5433,
+        };
+        let out = retarget_conninfo(
+            "user=replicator password=x host=10.0.0.1 port=5432 application_name=n3",
+            &primary,
+        );
+        assert_eq!(
+            out,
+            "host=10.0.0.2 port=5433 user=replicator password=x application_name=n3"
+        );
+    }
+
+    #[test]
+    fn slot_names_are_valid_identifiers() {
+        assert_eq!(slot_name("Node-3"), "pgfailover_node_3");
+        assert_eq!(quote_literal("a'b"), "'a''b'");
+    }
+}

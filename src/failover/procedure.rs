@@ -1,0 +1,321 @@
+//! What the coordinator does to nodes: replace a down primary (adopt an
+//! outside promotion, or promote a standby), fence stale primaries, keep
+//! synchronous replication configured.
+
+use std::time::Duration;
+
+use tokio::time::{Instant, sleep};
+
+use super::Coordinator;
+use super::candidate::{self, Candidate};
+use super::node_sql::{NodeSql, slot_name};
+use crate::consensus::messages::ElectionReason;
+use crate::monitor::format_lsn;
+use crate::topology::{NodeHealth, Topology};
+
+/// How long a candidate may take to replay what it received.
+const REPLAY_WAIT: Duration = Duration::from_secs(30);
+/// Margin on top of the longest old lease, for timer granularity.
+const LEASE_MARGIN: Duration = Duration::from_millis(250);
+
+impl Coordinator {
+    /// The primary of `term` is down: adopt a node promoted outside
+    /// pgfailover, or (automatic mode) promote the best standby.
+    pub(super) async fn replace_primary(
+        &self,
+        topology: &Topology,
+        old: usize,
+        term: u64,
+    ) -> Result<(), String> {
+        let old_name = topology.nodes[old].spec.name.clone();
+        let writable: Vec<usize> = (0..topology.nodes.len())
+            .filter(|i| *i != old && topology.nodes[*i].health == NodeHealth::Primary)
+            .collect();
+        match writable.as_slice() {
+            [new] => self.adopt(topology, &old_name, *new, term).await,
+            [] if self.control.is_paused() => {
+                self.note(term, "failover_paused", Some(&old_name), format!(
+                    "primary {old_name} is down; automatic failover is paused (sessions are held)"
+                ));
+                Ok(())
+            }
+            [] => self.fail_over(topology, old, term).await,
+            _ => {
+                self.note(term, "several_writable", None, format!(
+                    "primary {old_name} is down and several other nodes are writable: refusing to guess"
+                ));
+                Ok(())
+            }
+        }
+    }
+
+    /// Someone promoted a node by hand: make it the primary of a new term.
+    async fn adopt(
+        &self,
+        topology: &Topology,
+        old: &str,
+        new: usize,
+        term: u64,
+    ) -> Result<(), String> {
+        let new_name = topology.nodes[new].spec.name.clone();
+        self.elect(term + 1, ElectionReason::Adopt, Some(old), &new_name)
+            .await?;
+        self.publish_term(term + 1, &new_name).await;
+        self.events.record(term + 1, "adopt", Some(&new_name), format!(
+            "{new_name} was promoted outside pgfailover while {old} was down; it is the primary of term {}",
+            term + 1
+        ));
+        Ok(())
+    }
+
+    /// Promotes the best standby in place of `old`, under term + 1.
+    async fn fail_over(&self, topology: &Topology, old: usize, term: u64) -> Result<(), String> {
+        let started = Instant::now();
+        let old_name = topology.nodes[old].spec.name.clone();
+        let statuses = self.topology.statuses();
+        let chosen = match candidate::pick(&topology.nodes, &statuses, old, &self.failover) {
+            Ok(c) => c,
+            Err(reason) => {
+                self.note(
+                    term,
+                    "no_candidate",
+                    Some(&old_name),
+                    format!("primary {old_name} is down: {reason}"),
+                );
+                return Ok(());
+            }
+        };
+        let new_name = topology.nodes[chosen.index].spec.name.clone();
+        let next = term + 1;
+        self.events.record(
+            term,
+            "primary_down",
+            Some(&old_name),
+            format!(
+                "primary {old_name} is down; asking the voters to promote {new_name} in term {next}"
+            ),
+        );
+        let won = self
+            .elect(next, ElectionReason::Failover, Some(&old_name), &new_name)
+            .await?;
+        self.set_blocked(Some(format!(
+            "failover from {old_name} to {new_name} in progress"
+        )));
+        let result = self
+            .promote_chosen(topology, &chosen, next, won.lease_wait)
+            .await;
+        self.set_blocked(None);
+        result?;
+        self.publish_term(next, &new_name).await;
+        self.report_failover(&old_name, &new_name, next, &chosen, started);
+        self.repoint_standbys(topology, old, chosen.index, next)
+            .await;
+        Ok(())
+    }
+
+    async fn promote_chosen(
+        &self,
+        topology: &Topology,
+        chosen: &Candidate,
+        term: u64,
+        lease_wait: Duration,
+    ) -> Result<(), String> {
+        let node = &topology.nodes[chosen.index].spec;
+        let sql = NodeSql {
+            node,
+            monitor: &self.monitor,
+        };
+        if let Err(e) = sql.wait_replay(REPLAY_WAIT).await {
+            self.events.record(term, "replay_wait", Some(&node.name), e);
+        }
+        if !lease_wait.is_zero() {
+            self.events.record_timed(
+                term,
+                "lease_wait",
+                Some(&node.name),
+                "waiting out routing leases of the old term",
+                lease_wait,
+            );
+            sleep(lease_wait + LEASE_MARGIN).await;
+        }
+        if self.newer_term_known(term).await {
+            let detail = format!(
+                "a term newer than {term} exists: not promoting {}",
+                node.name
+            );
+            self.events
+                .record(term, "promote_abandoned", Some(&node.name), detail.clone());
+            return Err(detail);
+        }
+        let promote_started = Instant::now();
+        sql.promote().await.inspect_err(|e| {
+            self.events
+                .record(term, "promote_failed", Some(&node.name), e.clone());
+        })?;
+        self.events.record_timed(
+            term,
+            "promote",
+            Some(&node.name),
+            format!("{} promoted", node.name),
+            promote_started.elapsed(),
+        );
+        Ok(())
+    }
+
+    fn report_failover(
+        &self,
+        old: &str,
+        new: &str,
+        term: u64,
+        chosen: &Candidate,
+        started: Instant,
+    ) {
+        let gap = match chosen.gap {
+            Some(bytes) => format!("WAL gap {bytes} bytes (data at risk)"),
+            None => "WAL gap unknown (old primary's position never seen)".into(),
+        };
+        self.events.record_timed(
+            term,
+            "failover",
+            Some(new),
+            format!(
+                "primary changed from {old} to {new}; promoted at {}; {gap}",
+                format_lsn(chosen.position)
+            ),
+            started.elapsed(),
+        );
+    }
+
+    /// Points every other standby at the new primary, through a slot.
+    async fn repoint_standbys(&self, topology: &Topology, old: usize, new: usize, term: u64) {
+        let primary = &topology.nodes[new].spec;
+        let primary_sql = NodeSql {
+            node: primary,
+            monitor: &self.monitor,
+        };
+        for (index, node) in topology.nodes.iter().enumerate() {
+            if index == old || index == new || node.health != NodeHealth::Standby {
+                continue;
+            }
+            let slot = slot_name(&node.spec.name);
+            let sql = NodeSql {
+                node: &node.spec,
+                monitor: &self.monitor,
+            };
+            let result = match primary_sql.ensure_slot(&slot).await {
+                Ok(()) => sql.repoint(primary, &slot).await,
+                Err(e) => Err(e),
+            };
+            let detail = match result {
+                Ok(()) => format!(
+                    "{} now streams from {} through slot {slot}",
+                    node.spec.name, primary.name
+                ),
+                Err(e) => format!("could not re-point {}: {e}", node.spec.name),
+            };
+            self.events
+                .record(term, "repoint", Some(&node.spec.name), detail);
+        }
+    }
+
+    /// Fences every writable node other than the primary of `term`, after
+    /// checking with the voters that `term` is still the newest.
+    pub(super) async fn fence_stale_primaries(
+        &self,
+        topology: &Topology,
+        primary: usize,
+        term: u64,
+    ) {
+        let statuses = self.topology.statuses();
+        let stale: Vec<usize> = (0..topology.nodes.len())
+            .filter(|i| *i != primary && topology.nodes[*i].health == NodeHealth::Primary)
+            .filter(|i| {
+                !statuses
+                    .get(*i)
+                    .and_then(Option::as_ref)
+                    .is_some_and(|s| s.read_only)
+            })
+            .collect();
+        if stale.is_empty() || !self.term_is_current(term).await {
+            return;
+        }
+        for index in stale {
+            let node = &topology.nodes[index].spec;
+            let result = NodeSql {
+                node,
+                monitor: &self.monitor,
+            }
+            .fence()
+            .await;
+            let detail = match result {
+                Ok(()) => format!(
+                    "{} is writable but not the primary of term {term}: fenced read-only, client sessions terminated; needs rejoin",
+                    node.name
+                ),
+                Err(e) => format!("{} is a stale primary; fencing failed: {e}", node.name),
+            };
+            self.events.record(term, "fence", Some(&node.name), detail);
+        }
+    }
+
+    /// In synchronous mode, keeps `synchronous_standby_names` on the
+    /// primary naming the healthy streaming standbys (strict mode: all
+    /// standbys, even with none healthy, so writes wait rather than risk).
+    pub(super) async fn manage_synchronous(&self, primary: usize, term: u64) {
+        if !self.failover.synchronous {
+            return;
+        }
+        let topology = self.topology.load();
+        let statuses = self.topology.statuses();
+        let Some(status) = statuses.get(primary).and_then(Option::as_ref) else {
+            return;
+        };
+        let streaming: Vec<&str> = status
+            .replicas
+            .iter()
+            .filter(|r| r.state == "streaming")
+            .filter(|r| topology.index_of(&r.name).is_some())
+            .map(|r| r.name.as_str())
+            .collect();
+        let standbys: Vec<&str> = topology
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != primary)
+            .map(|(_, n)| n.spec.name.as_str())
+            .collect();
+        let names = match (streaming.is_empty(), self.failover.synchronous_strict) {
+            (false, _) => streaming,
+            (true, true) => standbys,
+            (true, false) => Vec::new(),
+        };
+        let wanted = if names.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "FIRST 1 ({})",
+                names
+                    .iter()
+                    .map(|n| format!("\"{n}\""))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        if status.synchronous_standby_names == wanted {
+            return;
+        }
+        let node = &topology.nodes[primary].spec;
+        let result = NodeSql {
+            node,
+            monitor: &self.monitor,
+        }
+        .set_synchronous_standby_names(&wanted)
+        .await;
+        let detail = match result {
+            Ok(()) => format!("synchronous_standby_names = '{wanted}'"),
+            Err(e) => format!("could not set synchronous_standby_names: {e}"),
+        };
+        self.events
+            .record(term, "synchronous", Some(&node.name), detail);
+    }
+}
