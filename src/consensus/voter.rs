@@ -62,7 +62,8 @@ impl Voter {
         self.record.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Grants at most one vote per term, only for a term newer than any it
+    /// Grants at most one candidate per term (the same one may ask again,
+    /// e.g. after other voters refused), only for a term newer than any it
     /// knows, and only if this voter's own view agrees the old primary is
     /// gone. The vote is on disk before the answer leaves.
     pub fn vote(&self, request: &VoteRequest) -> VoteResponse {
@@ -108,7 +109,9 @@ impl Voter {
     }
 
     fn judge_vote(&self, record: &VoterRecord, request: &VoteRequest) -> Result<(), String> {
-        if request.term <= record.voted_term {
+        let same_vote = request.term == record.voted_term
+            && record.voted_for.as_deref() == Some(&request.candidate);
+        if request.term <= record.voted_term && !same_vote {
             return Err(format!(
                 "already voted in term {} (for {})",
                 record.voted_term,
@@ -326,6 +329,8 @@ mod tests {
         assert!(v.vote(&request(2, "p1", ElectionReason::Failover)).granted);
         let second = v.vote(&request(2, "p2", ElectionReason::Failover));
         assert!(!second.granted, "a second candidate in the same term");
+        let again = v.vote(&request(2, "p1", ElectionReason::Failover));
+        assert!(again.granted, "the same candidate may ask again");
         assert!(v.vote(&request(3, "p2", ElectionReason::Failover)).granted);
     }
 

@@ -56,6 +56,26 @@ impl Coordinator {
         }
     }
 
+    /// The term of the next election: after the published one, and past
+    /// any term some voter already gave to another candidate.
+    pub(super) fn next_term(&self, published: u64) -> u64 {
+        (published + 1).max(
+            self.min_next_term
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+
+    fn learn_voted_term(&self, record: &crate::consensus::VoterRecord) {
+        let me = &self.peers.me().name;
+        let floor = if record.voted_for.as_deref() == Some(me.as_str()) {
+            record.voted_term
+        } else {
+            record.voted_term + 1
+        };
+        self.min_next_term
+            .fetch_max(floor, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Cold start: with no recorded term, the single writable node becomes
     /// the primary of term 1 (two writable nodes: refuse and say why).
     pub(super) async fn bootstrap(&self, topology: &Topology) -> Result<(), String> {
@@ -63,8 +83,10 @@ impl Coordinator {
         let [node] = writable.as_slice() else {
             return Ok(());
         };
-        self.elect(1, ElectionReason::Bootstrap, None, node).await?;
-        self.publish_term(1, node).await;
+        let term = self.next_term(0);
+        self.elect(term, ElectionReason::Bootstrap, None, node)
+            .await?;
+        self.publish_term(term, node).await;
         Ok(())
     }
 
@@ -89,6 +111,9 @@ impl Coordinator {
         let mut lease_wait = Duration::ZERO;
         let mut refusals = Vec::new();
         for reply in replies {
+            if let Ok(r) = &reply {
+                self.learn_voted_term(&r.record);
+            }
             match reply {
                 Ok(r) if r.granted => {
                     granted += 1;

@@ -12,7 +12,7 @@ mod procedure;
 
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::time::{Instant, sleep, sleep_until};
@@ -62,6 +62,9 @@ pub struct Coordinator {
     /// Why writes are blocked beyond what the record says (a failover in
     /// progress), set by the procedures.
     blocked: Mutex<Option<String>>,
+    /// Lowest term the next election may use (terms other candidates
+    /// already hold votes in are skipped).
+    min_next_term: AtomicU64,
 }
 
 impl Coordinator {
@@ -84,6 +87,7 @@ impl Coordinator {
             lease,
             last_note: Mutex::new(String::new()),
             blocked: Mutex::new(None),
+            min_next_term: AtomicU64::new(0),
         })
     }
 

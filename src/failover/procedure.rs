@@ -86,7 +86,7 @@ impl Coordinator {
             }
         };
         let new_name = topology.nodes[chosen.index].spec.name.clone();
-        let next = term + 1;
+        let next = self.next_term(term);
         self.events.record(
             term,
             "primary_down",

@@ -21,6 +21,7 @@ mod cancel;
 mod clients;
 mod copy;
 mod disconnect;
+mod failover;
 mod harness_selftest;
 mod hostile;
 mod notify;

@@ -5,6 +5,7 @@
 //! tokio tests, and must be able to clean up from `Drop` during a panic.
 
 mod cluster;
+mod members;
 mod node;
 mod proxy;
 mod template;
@@ -19,6 +20,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 pub use cluster::PgCluster;
+pub use members::{VoterSet, WitnessProcess, admin_get};
 pub use node::PgNode;
 pub use proxy::{ProxiedCluster, ProxyProcess};
 
@@ -57,6 +59,9 @@ pub const REPLICATOR: User = User {
     name: "replicator",
     password: "repl-secret",
 };
+
+/// Shared token of the voters the tests start.
+pub const CLUSTER_TOKEN: &str = "cluster-secret";
 
 /// Database owned by `scram_user`, used by the client tests.
 pub const APP_DB: &str = "app";

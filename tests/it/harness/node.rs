@@ -5,7 +5,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use super::template::template_dir;
-use super::{REPLICATOR, TempDir, as_postgres, free_port, pg_bin, run_ok, tail, tcp_dsn};
+use super::{
+    DEADLINE, REPLICATOR, TempDir, as_postgres, free_port, pg_bin, run_ok, tail, tcp_dsn,
+    wait_until,
+};
 
 /// How many times a start is retried when the chosen port was taken by
 /// another process between `free_port()` and the postmaster's bind.
@@ -141,9 +144,18 @@ impl PgNode {
     }
 
     /// `kill -9` of the postmaster; its children notice and exit on their own.
+    ///
+    /// Returns once the orphaned children have exited too, so the node can
+    /// be started again (PostgreSQL refuses while they hold shared memory).
     pub fn kill9(&self) {
         let pid = self.postmaster_pid().expect("postmaster is running");
+        let children = children_of(pid);
         run_ok(Command::new("kill").args(["-9", &pid.to_string()]));
+        wait_until("the killed postmaster's children exit", DEADLINE, || {
+            children
+                .iter()
+                .all(|c| !Path::new(&format!("/proc/{c}")).exists())
+        });
     }
 
     /// Promotes a standby with `SELECT pg_promote()` (waits for completion).
@@ -228,4 +240,25 @@ impl Drop for PgNode {
             let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
         }
     }
+}
+
+/// Pids whose parent is `pid` (from /proc/*/stat).
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|child| {
+            fs::read_to_string(format!("/proc/{child}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    // Field 4 (ppid) follows the parenthesized command name.
+                    let after = stat.rsplit_once(')')?.1;
+                    after.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                == Some(pid)
+        })
+        .collect()
 }

@@ -127,9 +127,15 @@ fn spawn(log_path: &Path, port: u16, nodes: &[(&str, u16)], extra_args: &[&str])
         cmd.arg("--admin-listen")
             .arg(format!("127.0.0.1:{}", free_port()));
     }
+    // A member with other voters keeps its vote record in its own dir.
+    if extra_args.contains(&"--voter") && !extra_args.contains(&"--state-dir") {
+        let state = log_path.with_file_name("state");
+        cmd.arg("--state-dir").arg(state);
+    }
     cmd.args(extra_args);
+    cmd.env("PGFAILOVER_CLUSTER_TOKEN", super::CLUSTER_TOKEN);
     cmd.env("PGFAILOVER_MONITOR_PASSWORD", MONITOR.password)
-        .env("RUST_LOG", "debug");
+        .env("RUST_LOG", "debug,tokio_postgres=info,hyper_util=info");
     cmd.stdin(Stdio::null());
     cmd.stdout(log.try_clone().expect("clone log handle"))
         .stderr(log);
