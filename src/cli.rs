@@ -26,6 +26,14 @@ enum Command {
     Proxy(Box<ProxyOptions>),
     /// Run a witness: a voter with its own view of the nodes and no data.
     Witness(Box<WitnessOptions>),
+    /// Show the cluster like `repmgr cluster show`: nodes, term, voters.
+    Status(crate::ops::StatusArgs),
+    /// List the cluster's event history (failovers, votes, fences).
+    Events(crate::ops::EventsArgs),
+    /// Pause automatic failover on a proxy (needs PGFAILOVER_CLUSTER_TOKEN).
+    Pause(crate::ops::AdminTarget),
+    /// Resume automatic failover on a proxy (needs PGFAILOVER_CLUSTER_TOKEN).
+    Resume(crate::ops::AdminTarget),
     /// Validate a member's flags, environment and config file, then exit:
     /// `check-config [proxy|witness] FLAGS` (proxy when omitted).
     #[command(args_conflicts_with_subcommands = true)]
@@ -61,6 +69,10 @@ pub fn main() -> ExitCode {
             Err(e) => invalid(e),
         },
         Command::CheckConfig(args) => check_config(args, env),
+        Command::Status(args) => crate::ops::status(args),
+        Command::Events(args) => crate::ops::events(args),
+        Command::Pause(target) => crate::ops::set_paused(target, true),
+        Command::Resume(target) => crate::ops::set_paused(target, false),
     }
 }
 

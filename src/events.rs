@@ -6,13 +6,13 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tracing::info;
 
 /// Events kept; older ones are dropped first.
 const MAX_EVENTS: usize = 1_000;
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Event {
     /// Milliseconds since the Unix epoch.
     pub at_ms: u64,

@@ -8,6 +8,7 @@
 //! - `failover`: the proxy's coordinator (promote, fence, re-point);
 //! - `admin`: the HTTP API (health, status, events, voter calls);
 //! - `events`: the decision history;
+//! - `ops`: operator commands (status, events, pause, resume);
 //! - `config`, `cli`, `app`: flags, subcommands and wiring.
 
 pub mod admin;
@@ -18,6 +19,7 @@ pub mod consensus;
 pub mod events;
 pub mod failover;
 pub mod monitor;
+pub mod ops;
 pub mod protocol;
 pub mod proxy;
 pub mod topology;

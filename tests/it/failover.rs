@@ -175,3 +175,67 @@ async fn a_restarted_old_primary_is_fenced_and_never_routed() {
         "no write after the failover reached the old primary"
     );
 }
+
+/// Runs `pgfailover ARGS` against p1's admin API; returns stdout.
+fn pgfailover(c: &VotingCluster, args: &[&str]) -> String {
+    let admin = format!("http://127.0.0.1:{}", c.voters.admin_port("p1"));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgfailover"))
+        .args(args)
+        .arg("--admin")
+        .arg(&admin)
+        .env("PGFAILOVER_CLUSTER_TOKEN", crate::harness::CLUSTER_TOKEN)
+        .output()
+        .expect("run pgfailover");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_failover_waits_for_resume_and_status_tells_the_story() {
+    let c = VotingCluster::start(&[]);
+    c.wait_for_term(1, "n1");
+    let table = pgfailover(&c, &["status"]);
+    assert!(table.contains("n1") && table.contains("primary"), "{table}");
+    assert!(table.contains("Term 1"), "{table}");
+
+    assert!(pgfailover(&c, &["pause"]).contains("paused"));
+    c.cluster.primary.kill9();
+    wait_until("the proxy reports the pause", DEADLINE, || {
+        c.events().iter().any(|e| e["kind"] == "failover_paused")
+    });
+    assert_eq!(
+        c.cluster.standby.psql("SELECT pg_is_in_recovery()"),
+        "t",
+        "no promotion while paused"
+    );
+    assert_eq!(c.status()["term"], 1);
+
+    pgfailover(&c, &["resume"]);
+    c.wait_for_term(2, "n2");
+    let status: Value =
+        serde_json::from_str(&pgfailover(&c, &["status", "--json"])).expect("status JSON");
+    assert_eq!(status["primary"], "n2");
+    assert_eq!(status["failover_paused"], false);
+    let events = pgfailover(&c, &["events", "--json"]);
+    let kinds: Vec<String> = events
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).expect("event JSON")["kind"].to_string())
+        .collect();
+    for wanted in [
+        "\"paused\"",
+        "\"resumed\"",
+        "\"failover\"",
+        "\"term_published\"",
+    ] {
+        assert!(
+            kinds.iter().any(|k| k == wanted),
+            "{wanted} missing from {kinds:?}"
+        );
+    }
+    let text = pgfailover(&c, &["events"]);
+    assert!(text.contains("primary changed from n1 to n2"), "{text}");
+}

@@ -1,0 +1,127 @@
+//! Operator commands, clients of a member's admin API: `status` (like
+//! `repmgr cluster show`), `events` (like `repmgr cluster event`),
+//! `pause` and `resume`.
+
+// These commands print their results for operators.
+#![allow(clippy::print_stdout)]
+
+mod client;
+mod table;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::admin::ClusterStatus;
+use crate::config::CLUSTER_TOKEN_ENV;
+use crate::events::Event;
+use client::AdminClient;
+
+/// Where the admin API is.
+#[derive(Debug, Clone, Args)]
+pub struct AdminTarget {
+    /// URL of a member's admin API.
+    #[arg(
+        long,
+        env = "PGFAILOVER_ADMIN",
+        default_value = "http://127.0.0.1:8008"
+    )]
+    pub admin: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub target: AdminTarget,
+    /// Print the JSON the admin API returns.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct EventsArgs {
+    #[command(flatten)]
+    pub target: AdminTarget,
+    /// Print JSON, one event per line.
+    #[arg(long)]
+    pub json: bool,
+    /// Keep printing new events as they happen.
+    #[arg(long)]
+    pub follow: bool,
+}
+
+pub fn status(args: StatusArgs) -> ExitCode {
+    run(async move {
+        let client = AdminClient::new(&args.target.admin)?;
+        let body = client.get("/cluster").await?;
+        if args.json {
+            println!("{body}");
+            return Ok(());
+        }
+        let status: ClusterStatus = serde_json::from_str(&body)
+            .map_err(|e| format!("unexpected answer from {}: {e}", args.target.admin))?;
+        print!("{}", table::render(&status));
+        Ok(())
+    })
+}
+
+pub fn events(args: EventsArgs) -> ExitCode {
+    run(async move {
+        let client = AdminClient::new(&args.target.admin)?;
+        let mut printed = 0usize;
+        loop {
+            let body = client.get("/events").await?;
+            let events: Vec<Event> =
+                serde_json::from_str(&body).map_err(|e| format!("unexpected answer: {e}"))?;
+            for event in events.iter().skip(printed) {
+                if args.json {
+                    println!("{}", serde_json::to_string(event).unwrap_or_default());
+                } else {
+                    println!("{}", table::event_line(event));
+                }
+            }
+            printed = events.len();
+            if !args.follow {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    })
+}
+
+/// `pause` (true) or `resume` (false) automatic failover on a proxy.
+pub fn set_paused(target: AdminTarget, paused: bool) -> ExitCode {
+    run(async move {
+        let token = std::env::var(CLUSTER_TOKEN_ENV)
+            .map_err(|_| format!("{CLUSTER_TOKEN_ENV} must hold the cluster token"))?;
+        let client = AdminClient::new(&target.admin)?;
+        let path = if paused { "/pause" } else { "/resume" };
+        client.post(path, &token).await?;
+        println!(
+            "automatic failover {}",
+            if paused { "paused" } else { "resumed" }
+        );
+        Ok(())
+    })
+}
+
+fn run(work: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("pgfailover: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(work) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pgfailover: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,125 @@
+//! Text rendering of the cluster status and events for operators.
+
+use std::fmt::Write;
+
+use crate::admin::ClusterStatus;
+use crate::events::Event;
+
+/// A table like `repmgr cluster show`, then term, writes and voters.
+pub fn render(s: &ClusterStatus) -> String {
+    let mut out = String::new();
+    let header = [
+        "Name", "Role", "State", "Upstream", "Timeline", "LSN", "Lag", "Note",
+    ];
+    let rows: Vec<[String; 8]> = s
+        .nodes
+        .iter()
+        .map(|n| {
+            let note = match (&n.detail, n.needs_rejoin) {
+                (_, true) => "needs rejoin (fenced read-only)".to_string(),
+                (Some(d), false) => d.clone(),
+                (None, false) => String::new(),
+            };
+            [
+                n.name.clone(),
+                n.role.clone(),
+                n.state.clone(),
+                n.upstream.clone().unwrap_or_else(|| "-".into()),
+                n.timeline
+                    .map(|t| t.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                n.lsn.clone().unwrap_or_else(|| "-".into()),
+                n.lag_bytes
+                    .map(|b| format!("{b} B"))
+                    .unwrap_or_else(|| "-".into()),
+                note,
+            ]
+        })
+        .collect();
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| {
+            rows.iter()
+                .map(|r| r[i].len())
+                .chain([header[i].len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |cells: &[&str]| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        padded.join(" | ").trim_end().to_string()
+    };
+    let _ = writeln!(out, "{}", line(&header));
+    let _ = writeln!(
+        out,
+        "{}",
+        widths
+            .iter()
+            .map(|w| "-".repeat(*w))
+            .collect::<Vec<_>>()
+            .join("-+-")
+    );
+    for row in &rows {
+        let cells: Vec<&str> = row.iter().map(String::as_str).collect();
+        let _ = writeln!(out, "{}", line(&cells));
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "Term {}, primary {}, writes routed to {}",
+        s.term,
+        s.primary.as_deref().unwrap_or("none"),
+        s.routing_to.as_deref().unwrap_or("nobody")
+    );
+    if let Some(reason) = &s.writes_blocked {
+        let _ = writeln!(out, "Writes blocked: {reason}");
+    }
+    if let Some(paused) = s.failover_paused {
+        let _ = writeln!(
+            out,
+            "Automatic failover: {}",
+            if paused { "paused" } else { "on" }
+        );
+    }
+    if s.lease_needed {
+        let _ = writeln!(
+            out,
+            "Routing lease: {}",
+            if s.lease_valid { "held" } else { "NOT held" }
+        );
+    }
+    let voters: Vec<String> = s
+        .voters
+        .iter()
+        .map(|v| match (v.reachable, &v.kind) {
+            (true, Some(kind)) => {
+                format!("{} ({kind:?}, term {})", v.name, v.term.unwrap_or(0)).to_lowercase()
+            }
+            _ => format!("{} (unreachable)", v.name),
+        })
+        .collect();
+    let _ = writeln!(out, "Voters: {}", voters.join(", "));
+    out
+}
+
+/// One event per line: time, term, kind, node, detail, duration.
+pub fn event_line(e: &Event) -> String {
+    let at = humantime::format_rfc3339_millis(
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(e.at_ms),
+    );
+    let duration = e
+        .duration_ms
+        .map(|d| format!(" ({d} ms)"))
+        .unwrap_or_default();
+    format!(
+        "{at}  term {:<3} {:<18} {:<6} {}{duration}",
+        e.term,
+        e.kind,
+        e.node.as_deref().unwrap_or("-"),
+        e.detail
+    )
+}
