@@ -61,6 +61,7 @@ impl Member {
         monitor::spawn(
             Arc::clone(monitor_config),
             Arc::clone(&topology),
+            Arc::clone(&events),
             &background,
             stop.clone(),
         );

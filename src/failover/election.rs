@@ -106,6 +106,15 @@ impl Coordinator {
             reason,
         };
         let needed = majority(self.peers.count());
+        self.note(
+            term,
+            "vote_requested",
+            Some(new_primary),
+            format!(
+                "asking {} voters to make {new_primary} primary of term {term} ({reason:?})",
+                self.peers.count()
+            ),
+        );
         let replies = self.peers.request_votes(&request).await;
         let mut granted = 0;
         let mut lease_wait = Duration::ZERO;

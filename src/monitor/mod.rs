@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::MonitorConfig;
+use crate::events::EventLog;
 use crate::topology::TopologyStore;
 
 pub use probe::NodeProbe;
@@ -19,11 +20,17 @@ pub use status::{Lsn, NodeStatus, Replica, format_lsn, parse_lsn};
 pub fn spawn(
     config: Arc<MonitorConfig>,
     topology: Arc<TopologyStore>,
+    events: Arc<EventLog>,
     tasks: &TaskTracker,
     shutdown: CancellationToken,
 ) {
     for (index, node) in topology.load().nodes.iter().enumerate() {
-        let probe = NodeProbe::new(index, Arc::clone(&node.spec), Arc::clone(&config));
+        let probe = NodeProbe::new(
+            index,
+            Arc::clone(&node.spec),
+            Arc::clone(&config),
+            Arc::clone(&events),
+        );
         let topology = Arc::clone(&topology);
         let shutdown = shutdown.clone();
         tasks.spawn(async move { probe.run(topology, shutdown).await });

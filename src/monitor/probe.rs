@@ -12,6 +12,7 @@ use tracing::{info, warn};
 
 use super::status::{NodeStatus, Replica, parse_lsn};
 use crate::config::{MonitorConfig, NodeSpec};
+use crate::events::EventLog;
 use crate::topology::{NodeHealth, TopologyStore};
 
 /// After clear evidence of failure, look again this soon to confirm.
@@ -48,17 +49,24 @@ pub struct NodeProbe {
     node: Arc<NodeSpec>,
     config: Arc<MonitorConfig>,
     client: Option<Client>,
+    events: Arc<EventLog>,
     last_healthy: Instant,
     clear_failures: u32,
 }
 
 impl NodeProbe {
-    pub fn new(index: usize, node: Arc<NodeSpec>, config: Arc<MonitorConfig>) -> Self {
+    pub fn new(
+        index: usize,
+        node: Arc<NodeSpec>,
+        config: Arc<MonitorConfig>,
+        events: Arc<EventLog>,
+    ) -> Self {
         Self {
             index,
             node,
             config,
             client: None,
+            events,
             last_healthy: Instant::now(),
             clear_failures: 0,
         }
@@ -122,11 +130,27 @@ impl NodeProbe {
         let Some(previous) = topology.set_health(self.index, health.clone()) else {
             return;
         };
-        match &health {
-            NodeHealth::Down(reason) => warn!(node = %name, %previous, %reason, "node down"),
-            NodeHealth::Suspect(reason) => warn!(node = %name, %previous, %reason, "node suspect"),
-            _ => info!(node = %name, %previous, now = %health, "node state changed"),
-        }
+        let term = topology.load().term;
+        let kind = match &health {
+            NodeHealth::Down(reason) => {
+                warn!(node = %name, %previous, %reason, "node down");
+                "node_down"
+            }
+            NodeHealth::Suspect(reason) => {
+                warn!(node = %name, %previous, %reason, "node suspect");
+                "node_suspect"
+            }
+            _ => {
+                info!(node = %name, %previous, now = %health, "node state changed");
+                "node_up"
+            }
+        };
+        self.events.record(
+            term,
+            kind,
+            Some(name),
+            format!("{name}: {previous} -> {health}"),
+        );
     }
 
     /// One probe: (re)connect if needed, then read the node's status. A
