@@ -12,12 +12,16 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::admin::{self, AdminState};
-use crate::config::{MemberConfig, MonitorConfig, ProxyConfig, WitnessConfig};
+use crate::config::{
+    EnvSecrets, MemberConfig, MonitorConfig, ProxyConfig, ProxyOptions, WitnessConfig,
+};
 use crate::consensus::{MemberKind, Peers, StateFile, Voter};
 use crate::events::EventLog;
 use crate::failover::{Coordinator, LeaseKeeper};
+use crate::logging::LogControl;
+use crate::metrics::Metrics;
 use crate::monitor;
-use crate::proxy::Proxy;
+use crate::proxy::{Proxy, SessionLimits};
 use crate::topology::TopologyStore;
 
 /// Bound on one call to another voter.
@@ -25,6 +29,7 @@ const PEER_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// What every member runs: a monitor of the nodes and a voter.
 struct Member {
+    metrics: Arc<Metrics>,
     topology: Arc<TopologyStore>,
     events: Arc<EventLog>,
     peers: Arc<Peers>,
@@ -38,8 +43,9 @@ impl Member {
         monitor_config: &Arc<MonitorConfig>,
         member: &MemberConfig,
     ) -> anyhow::Result<Self> {
+        let metrics = Arc::new(Metrics::new().context("cannot register metrics")?);
         let topology = Arc::new(TopologyStore::new(&monitor_config.nodes));
-        let events = Arc::new(EventLog::default());
+        let events = Arc::new(EventLog::with_metrics(Arc::clone(&metrics)));
         let file = StateFile::in_dir(member.state_dir.as_deref());
         let voter = Voter::open(
             member.name.clone(),
@@ -66,6 +72,7 @@ impl Member {
             stop.clone(),
         );
         Ok(Self {
+            metrics,
             topology,
             events,
             peers,
@@ -86,14 +93,66 @@ impl Member {
     }
 }
 
+/// What SIGHUP needs to re-read the configuration.
+pub struct Reload {
+    pub options: ProxyOptions,
+    pub env: EnvSecrets,
+    pub logs: LogControl,
+}
+
+impl Reload {
+    /// Re-reads flags, environment and the config file; applies what can
+    /// change live (log level, session timeouts) and names what cannot.
+    fn apply(&self, proxy: &Proxy) {
+        let fresh = match ProxyConfig::resolve(self.options.clone(), self.env.clone()) {
+            Ok(fresh) => fresh,
+            Err(e) => return warn!(error = %e, "SIGHUP: configuration not reloaded"),
+        };
+        match self.logs.set_level(&fresh.member.log_level) {
+            Ok(true) => info!(level = %fresh.member.log_level, "SIGHUP: log level applied"),
+            Ok(false) => info!("SIGHUP: log level kept from PGFAILOVER_LOG/RUST_LOG"),
+            Err(e) => warn!(error = %e, "SIGHUP: log level not applied"),
+        }
+        proxy.set_limits(SessionLimits::of(&fresh));
+        let old = &proxy.config;
+        let mut fixed = Vec::new();
+        if fresh.listen != old.listen {
+            fixed.push("listen");
+        }
+        if fresh.nodes != old.nodes {
+            fixed.push("node");
+        }
+        if fresh.member.voters != old.member.voters || fresh.member.name != old.member.name {
+            fixed.push("voter/name");
+        }
+        if fresh.member.admin_listen != old.member.admin_listen {
+            fixed.push("admin-listen");
+        }
+        if fresh.max_client_connections != old.max_client_connections {
+            fixed.push("max-client-connections");
+        }
+        if fresh.monitor.interval != old.monitor.interval
+            || fresh.monitor.down_after != old.monitor.down_after
+        {
+            fixed.push("monitor-interval/down-after");
+        }
+        if fixed.is_empty() {
+            info!("SIGHUP: configuration reloaded");
+        } else {
+            warn!(unchanged = %fixed.join(", "), "SIGHUP: configuration reloaded; these need a restart and keep their old values");
+        }
+    }
+}
+
 /// Runs the proxy until SIGTERM (drain up to `shutdown_timeout`) or
-/// SIGINT (exit at once).
-pub async fn run_proxy(config: ProxyConfig) -> anyhow::Result<()> {
+/// SIGINT (exit at once); SIGHUP reloads what can change live.
+pub async fn run_proxy(config: ProxyConfig, reload: Reload) -> anyhow::Result<()> {
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
 
     let member = Member::start(MemberKind::Proxy, &config.monitor, &config.member)?;
     let lease = Arc::new(LeaseKeeper::new(
@@ -118,6 +177,7 @@ pub async fn run_proxy(config: ProxyConfig) -> anyhow::Result<()> {
         .background
         .spawn(Arc::clone(&coordinator).run(member.stop.clone()));
     let admin_state = AdminState {
+        metrics: Arc::clone(&member.metrics),
         kind: MemberKind::Proxy,
         topology: Arc::clone(&member.topology),
         events: Arc::clone(&member.events),
@@ -129,19 +189,26 @@ pub async fn run_proxy(config: ProxyConfig) -> anyhow::Result<()> {
     member.serve_admin(&config.member, admin_state).await?;
 
     let shutdown_timeout = config.shutdown_timeout;
-    let proxy = Proxy::new(config, Arc::clone(&member.topology));
+    let proxy = Proxy::new(
+        config,
+        Arc::clone(&member.topology),
+        Arc::clone(&member.metrics),
+    );
     info!(listen = %proxy.config.listen, nodes = proxy.config.nodes.len(), "pgfailover proxy started");
     let accepting = CancellationToken::new();
     let sessions = TaskTracker::new();
     let accept =
         tokio::spawn(Arc::clone(&proxy).accept_loop(listener, accepting.clone(), sessions.clone()));
 
-    tokio::select! {
-        _ = sigint.recv() => {
-            info!("SIGINT: exiting now");
-            return Ok(());
+    loop {
+        tokio::select! {
+            _ = sigint.recv() => {
+                info!("SIGINT: exiting now");
+                return Ok(());
+            }
+            _ = sighup.recv() => reload.apply(&proxy),
+            _ = sigterm.recv() => break,
         }
-        _ = sigterm.recv() => {}
     }
     info!(
         open = proxy.open_sessions(),
@@ -166,6 +233,7 @@ pub async fn run_witness(config: WitnessConfig) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let member = Member::start(MemberKind::Witness, &config.monitor, &config.member)?;
     let admin_state = AdminState {
+        metrics: Arc::clone(&member.metrics),
         kind: MemberKind::Witness,
         topology: Arc::clone(&member.topology),
         events: Arc::clone(&member.events),

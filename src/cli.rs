@@ -3,10 +3,9 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tracing_subscriber::EnvFilter;
 
-use crate::app;
 use crate::config::{EnvSecrets, ProxyConfig, ProxyOptions, WitnessConfig, WitnessOptions};
+use crate::{app, logging};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -15,6 +14,9 @@ use crate::config::{EnvSecrets, ProxyConfig, ProxyOptions, WitnessConfig, Witnes
     about = "Keeps PostgreSQL writable through failures: a wire-protocol proxy that routes every session to the writable node"
 )]
 pub struct Cli {
+    /// Log format on stderr: `text` or `json`.
+    #[arg(long, global = true, env = "PGFAILOVER_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -57,18 +59,32 @@ enum CheckTarget {
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    let json = cli.log_format == "json";
     let env = EnvSecrets::from_process();
     match cli.command {
-        Command::Proxy(options) => match ProxyConfig::resolve(*options, env) {
-            Ok(config) => run(app::run_proxy(config)),
+        Command::Proxy(options) => match ProxyConfig::resolve((*options).clone(), env.clone()) {
+            Ok(config) => {
+                let logs = logging::init(json, &config.member.log_level);
+                let reload = app::Reload {
+                    options: *options,
+                    env,
+                    logs,
+                };
+                run(app::run_proxy(config, reload))
+            }
             Err(e) => invalid(e),
         },
         Command::Witness(options) => match WitnessConfig::resolve(*options, env) {
-            Ok(config) => run(app::run_witness(config)),
+            Ok(config) => {
+                logging::init(json, &config.member.log_level);
+                run(app::run_witness(config))
+            }
             Err(e) => invalid(e),
         },
-        Command::CheckConfig(args) => check_config(args, env),
+        Command::CheckConfig(args) => {
+            logging::init(json, "warn");
+            check_config(args, env)
+        }
         Command::Status(args) => crate::ops::status(args),
         Command::Events(args) => crate::ops::events(args),
         Command::Pause(target) => crate::ops::set_paused(target, true),
@@ -140,17 +156,4 @@ fn run(work: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode 
             ExitCode::FAILURE
         }
     }
-}
-
-/// Logs go to stderr; the filter comes from PGFAILOVER_LOG, else RUST_LOG,
-/// else `info`.
-fn init_logging() {
-    let filter = std::env::var("PGFAILOVER_LOG")
-        .or_else(|_| std::env::var("RUST_LOG"))
-        .unwrap_or_else(|_| "info".into());
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new("info")))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
 }

@@ -3,11 +3,13 @@
 //! logged, like `repmgr cluster event`.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use tracing::info;
+
+use crate::metrics::Metrics;
 
 /// Events kept; older ones are dropped first.
 const MAX_EVENTS: usize = 1_000;
@@ -27,9 +29,22 @@ pub struct Event {
 #[derive(Default)]
 pub struct EventLog {
     events: Mutex<VecDeque<Event>>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl EventLog {
+    /// An event log that also counts events in `metrics`.
+    pub fn with_metrics(metrics: Arc<Metrics>) -> Self {
+        Self {
+            events: Mutex::default(),
+            metrics: Some(metrics),
+        }
+    }
+
+    pub fn metrics(&self) -> Option<&Arc<Metrics>> {
+        self.metrics.as_ref()
+    }
+
     /// Records and logs an event.
     pub fn record(&self, term: u64, kind: &str, node: Option<&str>, detail: impl Into<String>) {
         self.push(term, kind, node, detail.into(), None);
@@ -55,6 +70,9 @@ impl EventLog {
         detail: String,
         took: Option<Duration>,
     ) {
+        if let Some(metrics) = &self.metrics {
+            metrics.count_event(kind, took);
+        }
         let duration_ms = took.map(|d| d.as_millis() as u64);
         info!(
             term,

@@ -7,7 +7,7 @@
 //! - `consensus`: votes, routing leases and terms between members;
 //! - `failover`: the proxy's coordinator (promote, fence, re-point);
 //! - `admin`: the HTTP API (health, status, events, voter calls);
-//! - `events`: the decision history;
+//! - `events`: the decision history; `metrics`: Prometheus metrics;
 //! - `ops`: operator commands (status, events, pause, resume);
 //! - `config`, `cli`, `app`: flags, subcommands and wiring.
 
@@ -18,6 +18,8 @@ pub mod config;
 pub mod consensus;
 pub mod events;
 pub mod failover;
+pub mod logging;
+pub mod metrics;
 pub mod monitor;
 pub mod ops;
 pub mod protocol;

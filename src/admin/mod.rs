@@ -10,8 +10,9 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use tokio::net::TcpListener;
@@ -24,12 +25,14 @@ use crate::consensus::messages::{
 };
 use crate::events::EventLog;
 use crate::failover::{FailoverControl, LeaseKeeper};
+use crate::metrics::Metrics;
 use crate::topology::TopologyStore;
 
 pub use status::{ClusterStatus, NodeReport, VoterReport};
 
 /// What the handlers need; shared by every request.
 pub struct AdminState {
+    pub metrics: Arc<Metrics>,
     pub kind: MemberKind,
     pub topology: Arc<TopologyStore>,
     pub events: Arc<EventLog>,
@@ -43,19 +46,35 @@ pub struct AdminState {
 type Shared = State<Arc<AdminState>>;
 
 pub fn router(state: Arc<AdminState>) -> Router {
+    // Checked before any body is read, so a caller without the token
+    // learns nothing but 401.
+    let protected = Router::new()
+        .route("/pause", post(pause))
+        .route("/resume", post(resume))
+        .route("/v1/vote", post(vote))
+        .route("/v1/lease", post(lease))
+        .route("/v1/publish", post(publish))
+        .route_layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            require_token,
+        ));
     Router::new()
+        .route("/metrics", get(metrics))
         .route("/health", get(health))
         .route("/primary", get(primary))
         .route("/replica", get(replica))
         .route("/cluster", get(cluster))
         .route("/events", get(events))
-        .route("/pause", post(pause))
-        .route("/resume", post(resume))
         .route("/v1/state", get(voter_state))
-        .route("/v1/vote", post(vote))
-        .route("/v1/lease", post(lease))
-        .route("/v1/publish", post(publish))
+        .merge(protected)
         .with_state(state)
+}
+
+async fn require_token(State(state): Shared, request: Request, next: Next) -> Response {
+    match authorize(&state, request.headers()) {
+        Ok(()) => next.run(request).await,
+        Err(denied) => *denied,
+    }
 }
 
 /// Serves the API on `listener` until `shutdown` fires.
@@ -75,6 +94,22 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen for the admin API on {addr}"))
+}
+
+async fn metrics(State(state): Shared) -> Response {
+    let lease_valid = state
+        .lease
+        .as_ref()
+        .is_none_or(|l| !l.needed() || l.is_valid());
+    let body = state.metrics.render(&state.topology, lease_valid);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
 }
 
 async fn health() -> Response {
@@ -117,18 +152,15 @@ async fn events(State(state): Shared) -> Json<Vec<crate::events::Event>> {
     Json(state.events.snapshot())
 }
 
-async fn pause(State(state): Shared, headers: HeaderMap) -> Response {
-    set_paused(&state, &headers, true)
+async fn pause(State(state): Shared) -> Response {
+    set_paused(&state, true)
 }
 
-async fn resume(State(state): Shared, headers: HeaderMap) -> Response {
-    set_paused(&state, &headers, false)
+async fn resume(State(state): Shared) -> Response {
+    set_paused(&state, false)
 }
 
-fn set_paused(state: &AdminState, headers: &HeaderMap, paused: bool) -> Response {
-    if let Err(denied) = authorize(state, headers) {
-        return *denied;
-    }
+fn set_paused(state: &AdminState, paused: bool) -> Response {
     let Some(control) = &state.control else {
         return (StatusCode::NOT_FOUND, "only a proxy runs failovers\n").into_response();
     };
@@ -153,36 +185,15 @@ async fn voter_state(State(state): Shared) -> Json<StateResponse> {
     })
 }
 
-async fn vote(
-    State(state): Shared,
-    headers: HeaderMap,
-    Json(request): Json<VoteRequest>,
-) -> Response {
-    if let Err(denied) = authorize(&state, &headers) {
-        return *denied;
-    }
+async fn vote(State(state): Shared, Json(request): Json<VoteRequest>) -> Response {
     Json(state.peers.me().vote(&request)).into_response()
 }
 
-async fn lease(
-    State(state): Shared,
-    headers: HeaderMap,
-    Json(request): Json<LeaseRequest>,
-) -> Response {
-    if let Err(denied) = authorize(&state, &headers) {
-        return *denied;
-    }
+async fn lease(State(state): Shared, Json(request): Json<LeaseRequest>) -> Response {
     Json(state.peers.me().lease(&request)).into_response()
 }
 
-async fn publish(
-    State(state): Shared,
-    headers: HeaderMap,
-    Json(request): Json<PublishRequest>,
-) -> Response {
-    if let Err(denied) = authorize(&state, &headers) {
-        return *denied;
-    }
+async fn publish(State(state): Shared, Json(request): Json<PublishRequest>) -> Response {
     match state.peers.me().publish(&request) {
         Ok(record) => Json(record).into_response(),
         Err(reason) => (StatusCode::CONFLICT, reason).into_response(),

@@ -102,6 +102,7 @@ pub struct MemberConfig {
     pub admin_listen: Option<SocketAddr>,
     pub token: Option<Secret>,
     pub lease_duration: Duration,
+    pub log_level: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -268,6 +269,7 @@ fn member_config(
         admin_listen: admin.map(|a| parse_addr("--admin-listen", a)).transpose()?,
         token,
         lease_duration: duration("--lease-duration", o.lease_duration, "4s")?,
+        log_level: non_empty("--log-level", o.log_level, "info")?,
     })
 }
 

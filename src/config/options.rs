@@ -74,10 +74,14 @@ pub struct MemberOptions {
     /// How long a routing lease lasts [default: 4s].
     #[arg(long, env = "PGFAILOVER_LEASE_DURATION")]
     pub lease_duration: Option<String>,
+    /// Log filter (`info`, `debug`, `pgfailover=debug,info`); SIGHUP
+    /// re-reads it from the config file. PGFAILOVER_LOG wins [default: info].
+    #[arg(long, env = "PGFAILOVER_LOG_LEVEL")]
+    pub log_level: Option<String>,
 }
 
 merge_options!(MemberOptions {
-    name, state_dir, admin_listen, cluster_token_file, lease_duration
+    name, state_dir, admin_listen, cluster_token_file, lease_duration, log_level
 } vecs { voter });
 
 /// `pgfailover proxy`.

@@ -58,6 +58,15 @@ impl SessionError {
         }
     }
 
+    /// True for connections turned away by policy or circumstance rather
+    /// than by a protocol fault (counted as rejections, not errors).
+    pub fn is_rejection(&self) -> bool {
+        matches!(
+            self,
+            Self::TooManyConnections(_) | Self::NoRoute(_) | Self::Refused(_)
+        )
+    }
+
     /// True for ends that are part of normal life (logged at debug).
     pub fn is_routine(&self) -> bool {
         matches!(self, Self::ClientClosed | Self::BackendRefused)

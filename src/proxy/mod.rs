@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -24,7 +25,9 @@ pub use error::SessionError;
 use session::Admission;
 
 use crate::config::ProxyConfig;
+use crate::metrics::Metrics;
 use crate::topology::TopologyStore;
+use prometheus::IntCounter;
 
 /// Connections over the cap that are still answered with 53300 at once;
 /// beyond this many the proxy just closes them.
@@ -33,20 +36,52 @@ const MAX_PENDING_REJECTIONS: usize = 1_000;
 /// loop backs off instead of spinning.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
+/// Timeouts a SIGHUP can change for new sessions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionLimits {
+    pub hold_timeout: Duration,
+    pub startup_timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+impl SessionLimits {
+    pub fn of(config: &ProxyConfig) -> Self {
+        Self {
+            hold_timeout: config.hold_timeout,
+            startup_timeout: config.startup_timeout,
+            connect_timeout: config.connect_timeout,
+        }
+    }
+}
+
 /// State shared by every session of one proxy. Passed explicitly (no
 /// globals) so tests can run several proxies in one process.
 pub struct Proxy {
     pub config: ProxyConfig,
     pub topology: Arc<TopologyStore>,
     pub cancel_map: Arc<CancelMap>,
+    pub metrics: Arc<Metrics>,
+    limits: ArcSwap<SessionLimits>,
+    /// Relay byte counters, looked up once instead of per chunk.
+    bytes_to_server: IntCounter,
+    bytes_to_client: IntCounter,
     sessions: Arc<Semaphore>,
     rejections: Arc<Semaphore>,
     next_session: AtomicU64,
 }
 
 impl Proxy {
-    pub fn new(config: ProxyConfig, topology: Arc<TopologyStore>) -> Arc<Self> {
+    pub fn new(
+        config: ProxyConfig,
+        topology: Arc<TopologyStore>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        let relayed = |direction: &str| metrics.relayed_bytes.with_label_values(&[direction]);
         Arc::new(Self {
+            limits: ArcSwap::from_pointee(SessionLimits::of(&config)),
+            bytes_to_server: relayed("client_to_server"),
+            bytes_to_client: relayed("server_to_client"),
+            metrics: Arc::clone(&metrics),
             sessions: Arc::new(Semaphore::new(config.max_client_connections)),
             rejections: Arc::new(Semaphore::new(MAX_PENDING_REJECTIONS)),
             config,
@@ -56,9 +91,26 @@ impl Proxy {
         })
     }
 
+    /// The timeouts for a session starting now.
+    pub fn limits(&self) -> Arc<SessionLimits> {
+        self.limits.load_full()
+    }
+
+    /// Applies reloaded timeouts to sessions that start from now on.
+    pub fn set_limits(&self, limits: SessionLimits) {
+        self.limits.store(Arc::new(limits));
+    }
+
     /// Client sessions currently admitted.
     pub fn open_sessions(&self) -> usize {
         self.config.max_client_connections - self.sessions.available_permits()
+    }
+
+    fn relay_counters(&self) -> relay::ByteCounters<'_> {
+        relay::ByteCounters {
+            to_server: &self.bytes_to_server,
+            to_client: &self.bytes_to_client,
+        }
     }
 
     fn next_session_id(&self) -> u64 {
@@ -86,6 +138,7 @@ impl Proxy {
                 },
             };
             let _ = stream.set_nodelay(true);
+            self.metrics.sessions_total.inc();
             let admission = match Arc::clone(&self.sessions).try_acquire_owned() {
                 Ok(permit) => Admission::Admitted { _slot: permit },
                 Err(_) => match Arc::clone(&self.rejections).try_acquire_owned() {
@@ -98,6 +151,10 @@ impl Proxy {
                         continue;
                     }
                     Err(_) => {
+                        self.metrics
+                            .rejected_connections
+                            .with_label_values(&["over_capacity_closed"])
+                            .inc();
                         warn!(client = %peer, "connection limit reached; closing");
                         continue;
                     }

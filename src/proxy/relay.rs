@@ -11,6 +11,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 
+use prometheus::IntCounter;
+
 use crate::protocol::backend::BoundaryTracker;
 
 /// Per-direction buffer: large enough for COPY throughput, small enough
@@ -73,6 +75,19 @@ impl Downstream {
     }
 }
 
+/// Where relayed bytes are counted (shared atomics, one add per chunk).
+pub struct ByteCounters<'a> {
+    pub to_server: &'a IntCounter,
+    pub to_client: &'a IntCounter,
+}
+
+/// What the relay updates as bytes pass.
+pub struct RelayState<'a> {
+    pub status: &'a SessionStatus,
+    pub downstream: &'a mut Downstream,
+    pub counters: ByteCounters<'a>,
+}
+
 /// Relays until either side ends or `evict` resolves. `*_pending` are
 /// bytes each side sent during the handshake that the other has not
 /// received yet.
@@ -81,19 +96,29 @@ pub async fn relay(
     client_pending: BytesMut,
     backend: &mut TcpStream,
     backend_pending: BytesMut,
-    status: &SessionStatus,
-    downstream: &mut Downstream,
+    state: RelayState<'_>,
     evict: impl Future<Output = String>,
 ) -> RelayEnd {
+    let RelayState {
+        status,
+        downstream,
+        counters,
+    } = state;
     let (mut client_read, mut client_write) = client.split();
     let (mut backend_read, mut backend_write) = backend.split();
-    let upstream = client_to_backend(&mut client_read, &mut backend_write, client_pending);
+    let upstream = client_to_backend(
+        &mut client_read,
+        &mut backend_write,
+        client_pending,
+        counters.to_server,
+    );
     let down = backend_to_client(
         &mut backend_read,
         &mut client_write,
         backend_pending,
         status,
         downstream,
+        counters.to_client,
     );
     tokio::select! {
         end = upstream => end,
@@ -106,6 +131,7 @@ async fn client_to_backend(
     client: &mut ReadHalf<'_>,
     backend: &mut WriteHalf<'_>,
     pending: BytesMut,
+    counter: &IntCounter,
 ) -> RelayEnd {
     let mut tracker = BoundaryTracker::default();
     let mut buf = vec![0u8; RELAY_BUFFER];
@@ -116,6 +142,7 @@ async fn client_to_backend(
             // A malformed client message is the backend's to reject (it
             // answers 08P01 itself); the proxy just stops following.
             tracking = tracking && tracker.feed(next).is_ok();
+            counter.inc_by(next.len() as u64);
             if let Err(error) = backend.write_all(next).await {
                 return RelayEnd::BackendLost(Some(error));
             }
@@ -142,6 +169,7 @@ async fn backend_to_client(
     pending: BytesMut,
     status: &SessionStatus,
     state: &mut Downstream,
+    counter: &IntCounter,
 ) -> RelayEnd {
     let mut buf = vec![0u8; RELAY_BUFFER];
     let mut next: &[u8] = &pending;
@@ -154,6 +182,7 @@ async fn backend_to_client(
             if let Some(s) = state.tracker.last_status() {
                 status.set(s.as_byte());
             }
+            counter.inc_by(next.len() as u64);
             state.writing = true;
             if client.write_all(next).await.is_err() {
                 return RelayEnd::ClientVanished;

@@ -10,7 +10,9 @@ use tracing::{debug, info, warn};
 
 use super::error::SessionError;
 use crate::config::NodeSpec;
+use crate::metrics::Metrics;
 use crate::topology::TopologyStore;
+use prometheus::IntGauge;
 
 /// Pause before trying a node again after a failed connect, unless the
 /// topology changes first.
@@ -28,18 +30,24 @@ pub struct Route {
 /// Cancel safe: holds nothing but a watch receiver.
 pub async fn connect_writable(
     topology: &TopologyStore,
+    metrics: &Metrics,
     connect_timeout: Duration,
     deadline: Instant,
 ) -> Result<Route, SessionError> {
     let mut changes = topology.subscribe();
     let mut held_since = None;
+    let _held = HeldGauge::new(&metrics.sessions_held);
     loop {
         changes.borrow_and_update();
         let snapshot = topology.load();
         let mut retry_at = None;
         if let Some(node) = snapshot.writable() {
+            let started = Instant::now();
             match connect(node, connect_timeout).await {
                 Ok(stream) => {
+                    metrics
+                        .backend_connect_seconds
+                        .observe(started.elapsed().as_secs_f64());
                     if let Some(since) = held_since {
                         info!(node = %node.name, held_ms = Instant::elapsed(&since).as_millis() as u64, "held session routed");
                     }
@@ -56,6 +64,7 @@ pub async fn connect_writable(
             }
         }
         if held_since.is_none() {
+            _held.hold();
             debug!(states = %snapshot.describe(), "no writable node; holding the session");
             held_since = Some(Instant::now());
         }
@@ -65,6 +74,35 @@ pub async fn connect_writable(
         };
         if !woken || Instant::now() >= deadline {
             return Err(SessionError::NoRoute(topology.load().describe()));
+        }
+    }
+}
+
+/// Counts a session in `sessions_held` from `hold()` until dropped.
+struct HeldGauge<'a> {
+    gauge: &'a IntGauge,
+    held: std::cell::Cell<bool>,
+}
+
+impl<'a> HeldGauge<'a> {
+    fn new(gauge: &'a IntGauge) -> Self {
+        Self {
+            gauge,
+            held: std::cell::Cell::new(false),
+        }
+    }
+
+    fn hold(&self) {
+        if !self.held.replace(true) {
+            self.gauge.inc();
+        }
+    }
+}
+
+impl Drop for HeldGauge<'_> {
+    fn drop(&mut self) {
+        if self.held.get() {
+            self.gauge.dec();
         }
     }
 }

@@ -15,7 +15,7 @@ use super::cancel_map::send_cancel;
 use super::client::ClientConn;
 use super::error::SessionError;
 use super::handshake::{ClientRequest, negotiate};
-use super::relay::{Downstream, RelayEnd, SessionStatus, relay};
+use super::relay::{Downstream, RelayEnd, RelayState, SessionStatus, relay};
 use super::route::{connect_writable, route_gone};
 use crate::protocol::error_response::{ProxyError, sqlstate};
 use crate::protocol::startup::StartupMessage;
@@ -45,10 +45,11 @@ pub async fn serve(proxy: Arc<Proxy>, stream: TcpStream, peer: SocketAddr, admis
         node = field::Empty
     );
     async move {
+        let _open = OpenSession::new(&proxy, &admission);
         let mut client = ClientConn::new(stream);
         match prepare(&proxy, &mut client, &admission).await {
             Ok(ready) => relay_session(&proxy, client, ready).await,
-            Err(e) => refuse(&mut client, e).await,
+            Err(e) => refuse(&proxy, &mut client, e).await,
         }
     }
     .instrument(span)
@@ -61,7 +62,8 @@ async fn prepare(
     client: &mut ClientConn,
     admission: &Admission,
 ) -> Result<ReadyBackend, SessionError> {
-    let startup_timeout = proxy.config.startup_timeout;
+    let limits = proxy.limits();
+    let startup_timeout = limits.startup_timeout;
     let request = timeout(startup_timeout, negotiate(client))
         .await
         .map_err(|_| SessionError::StartupTimeout(startup_timeout))??;
@@ -80,8 +82,14 @@ async fn prepare(
     span.record("user", startup.user());
     span.record("database", startup.database());
 
-    let deadline = Instant::now() + proxy.config.hold_timeout;
-    let route = connect_writable(&proxy.topology, proxy.config.connect_timeout, deadline).await?;
+    let deadline = Instant::now() + limits.hold_timeout;
+    let route = connect_writable(
+        &proxy.topology,
+        &proxy.metrics,
+        limits.connect_timeout,
+        deadline,
+    )
+    .await?;
     span.record("node", route.node.name.as_str());
     let backend = BackendConn::new(route.node, route.term, route.stream);
     timeout(
@@ -126,8 +134,11 @@ async fn relay_session(proxy: &Proxy, client: ClientConn, ready: ReadyBackend) {
         client_pending,
         &mut backend,
         ready.pending,
-        &status,
-        &mut downstream,
+        RelayState {
+            status: &status,
+            downstream: &mut downstream,
+            counters: proxy.relay_counters(),
+        },
         evict,
     )
     .await;
@@ -142,7 +153,7 @@ async fn relay_session(proxy: &Proxy, client: ClientConn, ready: ReadyBackend) {
             // The backend may be running a query for nobody: cancel it,
             // then say goodbye so it does not linger until the query ends.
             if let Some(registration) = &ready.cancel {
-                send_cancel(registration.target(), proxy.config.connect_timeout).await;
+                send_cancel(registration.target(), proxy.limits().connect_timeout).await;
             }
             let _ = backend.write_all(&TERMINATE).await;
             None
@@ -156,6 +167,7 @@ async fn relay_session(proxy: &Proxy, client: ClientConn, ready: ReadyBackend) {
         }
         RelayEnd::Evicted(reason) => {
             info!(%last_status, %reason, "closing session: its route is gone");
+            proxy.metrics.sessions_closed_by_failover.inc();
             let _ = backend.write_all(&TERMINATE).await;
             Some((sqlstate::ADMIN_SHUTDOWN, reason))
         }
@@ -167,13 +179,43 @@ async fn relay_session(proxy: &Proxy, client: ClientConn, ready: ReadyBackend) {
 }
 
 /// Sends the client the error it is owed, if any, and logs why.
-async fn refuse(client: &mut ClientConn, error: SessionError) {
+async fn refuse(proxy: &Proxy, client: &mut ClientConn, error: SessionError) {
     if error.is_routine() {
         debug!(reason = %error, "session ended");
         return;
     }
     info!(kind = error.kind(), reason = %error, "session refused");
+    let metric = if error.is_rejection() {
+        &proxy.metrics.rejected_connections
+    } else {
+        &proxy.metrics.protocol_errors
+    };
+    metric.with_label_values(&[error.kind()]).inc();
     if let Some(response) = error.client_error() {
         let _ = client.send_error(&response).await;
+    }
+}
+
+/// Counts an admitted session in `client_sessions_open` while it lives.
+struct OpenSession<'a> {
+    proxy: &'a Proxy,
+    counted: bool,
+}
+
+impl<'a> OpenSession<'a> {
+    fn new(proxy: &'a Proxy, admission: &Admission) -> Self {
+        let counted = matches!(admission, Admission::Admitted { .. });
+        if counted {
+            proxy.metrics.sessions_open.inc();
+        }
+        Self { proxy, counted }
+    }
+}
+
+impl Drop for OpenSession<'_> {
+    fn drop(&mut self) {
+        if self.counted {
+            self.proxy.metrics.sessions_open.dec();
+        }
     }
 }

@@ -25,6 +25,7 @@ mod failover;
 mod harness_selftest;
 mod hostile;
 mod notify;
+mod ops;
 mod pgbench;
 mod psycopg;
 mod routing;

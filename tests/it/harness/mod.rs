@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 pub use cluster::PgCluster;
-pub use members::{VoterSet, WitnessProcess, admin_get};
+pub use members::{VoterSet, WitnessProcess, admin_get, admin_request};
 pub use node::PgNode;
 pub use proxy::{ProxiedCluster, ProxyProcess};
 
