@@ -2,6 +2,7 @@
 //! file, merged in that order of precedence (`options`), then validated
 //! here into types that hold only checked values.
 
+mod node;
 mod options;
 mod parse;
 
@@ -14,7 +15,12 @@ use clap::{Args, CommandFactory};
 use serde::de::DeserializeOwned;
 use thiserror::Error;
 
-pub use options::{MemberOptions, MonitorOptions, ProxyOptions, WitnessOptions};
+pub use node::{
+    APP_PASSWORD_ENV, AppDatabase, InitialRole, NodeConfig, NodeEnv, REPLICATION_PASSWORD_ENV,
+};
+pub use options::{
+    MemberOptions, MonitorOptions, NodeOptions, PostgresOptions, ProxyOptions, WitnessOptions,
+};
 pub use parse::{NodeSpec, VoterSpec, duration};
 use parse::{invalid, non_empty, parse_addr, parse_nodes, parse_voters, read_secret};
 

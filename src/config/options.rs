@@ -179,3 +179,84 @@ impl WitnessOptions {
         }
     }
 }
+
+/// The PostgreSQL server a node agent runs, and what it creates at
+/// bootstrap.
+#[derive(Debug, Default, Clone, Args, Deserialize)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct PostgresOptions {
+    /// PostgreSQL data directory (PGDATA) run by this agent; bootstrapped
+    /// when empty.
+    #[arg(long, env = "PGFAILOVER_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// listen_addresses and port of that server, as HOST:PORT
+    /// [default: 0.0.0.0:5432].
+    #[arg(long, env = "PGFAILOVER_PG_LISTEN")]
+    pub pg_listen: Option<String>,
+    /// Role of a new node (empty data directory): `primary` runs initdb,
+    /// `standby` clones --primary; afterwards the voters' term decides
+    /// (else REPMGR_ROLE) [default: standby with --primary, else primary].
+    #[arg(long, env = "PGFAILOVER_ROLE")]
+    pub role: Option<String>,
+    /// The primary a new standby clones, as NAME=HOST:PORT (else
+    /// PRIMARY_HOST, port 5432).
+    #[arg(long, env = "PGFAILOVER_PRIMARY")]
+    pub primary: Option<String>,
+    /// Directory of the PostgreSQL programs [default: the newest
+    /// /usr/lib/postgresql/*/bin].
+    #[arg(long, env = "PGFAILOVER_PG_BIN_DIR")]
+    pub pg_bin_dir: Option<PathBuf>,
+    /// User standbys stream with [default: replicator].
+    #[arg(long, env = "PGFAILOVER_REPLICATION_USER")]
+    pub replication_user: Option<String>,
+    /// File holding its password (else PGFAILOVER_REPLICATION_PASSWORD,
+    /// else REPMGR_PASSWORD).
+    #[arg(long, env = "PGFAILOVER_REPLICATION_PASSWORD_FILE")]
+    pub replication_password_file: Option<PathBuf>,
+    /// Application user created at bootstrap (else POSTGRES_USER).
+    #[arg(long, env = "PGFAILOVER_APP_USER")]
+    pub app_user: Option<String>,
+    /// File holding its password (else PGFAILOVER_APP_PASSWORD, else
+    /// POSTGRES_PASSWORD).
+    #[arg(long, env = "PGFAILOVER_APP_PASSWORD_FILE")]
+    pub app_password_file: Option<PathBuf>,
+    /// Database created at bootstrap, owned by the application user (else
+    /// POSTGRES_DB) [default: the application user's name].
+    #[arg(long, env = "PGFAILOVER_APP_DBNAME")]
+    pub app_dbname: Option<String>,
+}
+
+merge_options!(PostgresOptions {
+    data_dir, pg_listen, role, primary, pg_bin_dir, replication_user,
+    replication_password_file, app_user, app_password_file, app_dbname
+} vecs {});
+
+/// `pgfailover node`.
+#[derive(Debug, Default, Clone, Args, Deserialize)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct NodeOptions {
+    /// TOML file with any of these options (keys are the flag names).
+    #[arg(long, env = "PGFAILOVER_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub monitor: MonitorOptions,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub member: MemberOptions,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub postgres: PostgresOptions,
+}
+
+impl NodeOptions {
+    pub fn over(self, file: Self) -> Self {
+        Self {
+            config: self.config,
+            monitor: self.monitor.over(file.monitor),
+            member: self.member.over(file.member),
+            postgres: self.postgres.over(file.postgres),
+        }
+    }
+}
