@@ -125,6 +125,26 @@ pub struct FailoverConfig {
     pub synchronous_strict: bool,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMode {
+    Disable,
+    Allow,
+    Require,
+}
+
+/// TLS toward clients: the mode and, unless disabled, the loaded acceptor.
+#[derive(Clone)]
+pub struct ClientTls {
+    pub mode: TlsMode,
+    pub acceptor: Option<tokio_rustls::TlsAcceptor>,
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ClientTls({:?})", self.mode)
+    }
+}
+
 /// Validated proxy configuration.
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
@@ -133,6 +153,7 @@ pub struct ProxyConfig {
     pub monitor: Arc<MonitorConfig>,
     pub member: MemberConfig,
     pub failover: FailoverConfig,
+    pub tls: ClientTls,
     pub hold_timeout: Duration,
     pub startup_timeout: Duration,
     pub connect_timeout: Duration,
@@ -177,7 +198,9 @@ impl ProxyConfig {
         if failover.synchronous_strict && !failover.synchronous {
             return Err(invalid("--synchronous-strict needs --synchronous"));
         }
+        let tls = client_tls(o.tls_cert.as_deref(), o.tls_key.as_deref(), o.tls_mode.as_deref())?;
         Ok(Self {
+            tls,
             listen: parse_addr("--listen", o.listen.as_deref().unwrap_or("0.0.0.0:6432"))?,
             nodes: monitor.nodes.clone(),
             monitor: Arc::new(monitor),
@@ -210,6 +233,26 @@ impl WitnessConfig {
             member,
         })
     }
+}
+
+fn client_tls(cert: Option<&Path>, key: Option<&Path>, mode: Option<&str>) -> Result<ClientTls, ConfigError> {
+    let acceptor = match (cert, key) {
+        (Some(cert), Some(key)) => Some(crate::proxy::load_tls_acceptor(cert, key).map_err(invalid)?),
+        (None, None) => None,
+        _ => return Err(invalid("--tls-cert and --tls-key go together")),
+    };
+    let mode = match (mode, &acceptor) {
+        (None, Some(_)) | (Some("allow"), Some(_)) => TlsMode::Allow,
+        (None, None) | (Some("disable"), _) => TlsMode::Disable,
+        (Some("require"), Some(_)) => TlsMode::Require,
+        (Some("allow" | "require"), None) => {
+            return Err(invalid("--tls-mode allow/require needs --tls-cert and --tls-key"));
+        }
+        (Some(other), _) => {
+            return Err(invalid(format!("--tls-mode {other:?}: expected disable, allow or require")));
+        }
+    };
+    Ok(ClientTls { mode, acceptor })
 }
 
 fn monitor_config(o: MonitorOptions, env: &EnvSecrets) -> Result<MonitorConfig, ConfigError> {

@@ -132,6 +132,17 @@ pub struct ProxyOptions {
     /// asynchronous replication when no standby is healthy.
     #[arg(long, env = "PGFAILOVER_SYNCHRONOUS_STRICT", num_args = 0..=1, default_missing_value = "true")]
     pub synchronous_strict: Option<bool>,
+    /// PEM certificate chain for TLS with clients.
+    #[arg(long, env = "PGFAILOVER_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS with clients.
+    #[arg(long, env = "PGFAILOVER_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// `disable`, `allow` (TLS when the client asks) or `require`
+    /// (plaintext clients get SQLSTATE 28000) [default: allow with a
+    /// certificate, else disable].
+    #[arg(long, env = "PGFAILOVER_TLS_MODE")]
+    pub tls_mode: Option<String>,
 }
 
 impl ProxyOptions {
@@ -150,6 +161,9 @@ impl ProxyOptions {
             max_lag_on_failover: self.max_lag_on_failover.or(file.max_lag_on_failover),
             synchronous: self.synchronous.or(file.synchronous),
             synchronous_strict: self.synchronous_strict.or(file.synchronous_strict),
+            tls_cert: self.tls_cert.or(file.tls_cert),
+            tls_key: self.tls_key.or(file.tls_key),
+            tls_mode: self.tls_mode.or(file.tls_mode),
         }
     }
 }

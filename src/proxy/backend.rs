@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use bytes::BytesMut;
+use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -81,7 +81,12 @@ impl BackendConn {
             };
             match frame.tag {
                 b'R' => {
-                    out.extend_from_slice(&frame.bytes);
+                    if client.is_tls() && auth_code(&frame) == Some(AUTH_SASL) {
+                        // Channel binding cannot cross a TLS terminator.
+                        out.extend_from_slice(&without_channel_binding(frame.body()));
+                    } else {
+                        out.extend_from_slice(&frame.bytes);
+                    }
                     if needs_client_answer(&frame) {
                         flush(client, &mut out).await?;
                         let answer = client.read_message().await?;
@@ -170,12 +175,33 @@ impl BackendConn {
     }
 }
 
-fn needs_client_answer(frame: &Frame) -> bool {
+fn auth_code(frame: &Frame) -> Option<u32> {
     let body = frame.body();
-    if body.len() < 4 {
-        return false;
+    (body.len() >= 4).then(|| u32::from_be_bytes([body[0], body[1], body[2], body[3]]))
+}
+
+/// Rewrites an AuthenticationSASL body without SCRAM-SHA-256-PLUS.
+fn without_channel_binding(body: &[u8]) -> BytesMut {
+    let mut out = BytesMut::with_capacity(body.len() + 5);
+    out.put_u8(b'R');
+    out.put_u32(0);
+    out.extend_from_slice(&body[..4]);
+    for mechanism in body[4..].split(|b| *b == 0).filter(|m| !m.is_empty()) {
+        if mechanism != b"SCRAM-SHA-256-PLUS" {
+            out.extend_from_slice(mechanism);
+            out.put_u8(0);
+        }
     }
-    let code = u32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+    out.put_u8(0);
+    let len = (out.len() - 1) as u32;
+    out[1..5].copy_from_slice(&len.to_be_bytes());
+    out
+}
+
+fn needs_client_answer(frame: &Frame) -> bool {
+    let Some(code) = auth_code(frame) else {
+        return false;
+    };
     matches!(
         code,
         AUTH_CLEARTEXT
@@ -194,4 +220,19 @@ async fn flush(client: &mut ClientConn, out: &mut BytesMut) -> Result<(), Sessio
         out.clear();
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_only_the_plus_mechanism() {
+        let mut body = AUTH_SASL.to_be_bytes().to_vec();
+        body.extend_from_slice(b"SCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0");
+        let out = without_channel_binding(&body);
+        assert_eq!(&out[9..], b"SCRAM-SHA-256\0\0");
+        let len = u32::from_be_bytes([out[1], out[2], out[3], out[4]]) as usize;
+        assert_eq!(len + 1, out.len());
+    }
 }

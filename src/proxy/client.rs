@@ -5,6 +5,9 @@
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+
+use super::tls::ClientStream;
 
 use super::error::{SessionError, client_read_error};
 use crate::protocol::MAX_STARTUP_PACKET;
@@ -17,14 +20,14 @@ use crate::protocol::startup::StartupError;
 const MAX_AUTH_MESSAGE: usize = 65_536 + 5;
 
 pub struct ClientConn {
-    stream: TcpStream,
+    stream: ClientStream,
     buf: BytesMut,
 }
 
 impl ClientConn {
     pub fn new(stream: TcpStream) -> Self {
         Self {
-            stream,
+            stream: ClientStream::Plain(stream),
             buf: BytesMut::with_capacity(1024),
         }
     }
@@ -76,9 +79,21 @@ impl ClientConn {
         self.write(&error.to_bytes()).await
     }
 
-    /// The socket and any bytes read past the handshake, for the relay.
-    pub fn into_parts(self) -> (TcpStream, BytesMut) {
+    /// The stream and any bytes read past the handshake, for the relay.
+    pub fn into_parts(self) -> (ClientStream, BytesMut) {
         (self.stream, self.buf)
+    }
+
+    pub fn is_tls(&self) -> bool {
+        self.stream.is_tls()
+    }
+
+    /// Upgrades to TLS after answering `S` to an SSLRequest.
+    pub async fn start_tls(&mut self, acceptor: &TlsAcceptor) -> Result<(), SessionError> {
+        self.stream
+            .start_tls(acceptor)
+            .await
+            .map_err(|e| SessionError::ClientProtocol(format!("TLS handshake failed: {e}")))
     }
 
     async fn fill_to(&mut self, wanted: usize) -> Result<(), SessionError> {

@@ -3,6 +3,7 @@
 
 use super::client::ClientConn;
 use super::error::SessionError;
+use crate::config::{ClientTls, TlsMode};
 use crate::protocol::cancel::CancelKey;
 use crate::protocol::startup::{FirstPacket, StartupMessage, parse_first_packet};
 
@@ -12,10 +13,12 @@ pub enum ClientRequest {
     Startup(StartupMessage),
 }
 
-/// Answers SSLRequest and GSSENCRequest with `N` (no TLS yet) until the
-/// client sends its real first packet. Not cancel safe as a whole (it
-/// writes); the caller bounds it with the startup timeout.
-pub async fn negotiate(client: &mut ClientConn) -> Result<ClientRequest, SessionError> {
+/// Answers SSLRequest (`S` and a TLS handshake when configured, else
+/// `N`) and GSSENCRequest (`N`) until the client sends its real first
+/// packet; in `require` mode a plaintext startup is refused. Not cancel
+/// safe as a whole (it writes); the caller bounds it with the startup
+/// timeout.
+pub async fn negotiate(client: &mut ClientConn, tls: &ClientTls) -> Result<ClientRequest, SessionError> {
     let mut ssl_asked = false;
     let mut gss_asked = false;
     loop {
@@ -23,11 +26,17 @@ pub async fn negotiate(client: &mut ClientConn) -> Result<ClientRequest, Session
         match parse_first_packet(packet)? {
             FirstPacket::SslRequest if !ssl_asked => {
                 ssl_asked = true;
-                answer_no_encryption(client).await?;
+                match (&tls.acceptor, tls.mode) {
+                    (Some(acceptor), TlsMode::Allow | TlsMode::Require) => {
+                        answer(client, b'S').await?;
+                        client.start_tls(acceptor).await?;
+                    }
+                    _ => answer(client, b'N').await?,
+                }
             }
             FirstPacket::GssEncRequest if !gss_asked => {
                 gss_asked = true;
-                answer_no_encryption(client).await?;
+                answer(client, b'N').await?;
             }
             FirstPacket::SslRequest | FirstPacket::GssEncRequest => {
                 return Err(SessionError::ClientProtocol(
@@ -35,6 +44,11 @@ pub async fn negotiate(client: &mut ClientConn) -> Result<ClientRequest, Session
                 ));
             }
             FirstPacket::Cancel(key) => return Ok(ClientRequest::Cancel(key)),
+            FirstPacket::Startup(_) if tls.mode == TlsMode::Require && !client.is_tls() => {
+                return Err(SessionError::Refused(
+                    "SSL connection is required by pgfailover (--tls-mode require); connect with sslmode=require".into(),
+                ));
+            }
             FirstPacket::Startup(message) => return Ok(ClientRequest::Startup(message)),
         }
     }
@@ -43,11 +57,11 @@ pub async fn negotiate(client: &mut ClientConn) -> Result<ClientRequest, Session
 /// Bytes that arrive before the client has read our answer were sent
 /// blind; after an `S` they would be injected plaintext (CVE-2021-23214
 /// class), so, like PostgreSQL, refuse them after any answer.
-async fn answer_no_encryption(client: &mut ClientConn) -> Result<(), SessionError> {
+async fn answer(client: &mut ClientConn, answer: u8) -> Result<(), SessionError> {
     if client.has_buffered() {
         return Err(SessionError::ClientProtocol(
             "received unencrypted data after SSL request".into(),
         ));
     }
-    client.write(b"N").await
+    client.write(&[answer]).await
 }

@@ -8,6 +8,7 @@ mod handshake;
 mod relay;
 mod route;
 mod session;
+mod tls;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,6 +23,7 @@ use tracing::{error, warn};
 
 pub use cancel_map::CancelMap;
 pub use error::SessionError;
+pub use tls::load_acceptor as load_tls_acceptor;
 use session::Admission;
 
 use crate::config::ProxyConfig;

@@ -7,12 +7,12 @@
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{ReadHalf, WriteHalf};
 
 use prometheus::IntCounter;
 
+use super::tls::ClientStream;
 use crate::protocol::backend::BoundaryTracker;
 
 /// Per-direction buffer: large enough for COPY throughput, small enough
@@ -90,31 +90,53 @@ pub struct RelayState<'a> {
 
 /// Relays until either side ends or `evict` resolves. `*_pending` are
 /// bytes each side sent during the handshake that the other has not
-/// received yet.
+/// received yet. A plain TCP client is split without locks; a TLS one
+/// through tokio's split.
 pub async fn relay(
-    client: &mut TcpStream,
+    client: &mut ClientStream,
     client_pending: BytesMut,
     backend: &mut TcpStream,
     backend_pending: BytesMut,
     state: RelayState<'_>,
     evict: impl Future<Output = String>,
 ) -> RelayEnd {
+    let (mut backend_read, mut backend_write) = backend.split();
+    let backend = (&mut backend_read, &mut backend_write);
+    let pending = (client_pending, backend_pending);
+    match client {
+        ClientStream::Plain(tcp) => {
+            let (mut read, mut write) = tcp.split();
+            relay_halves((&mut read, &mut write), backend, pending, state, evict).await
+        }
+        tls => {
+            let (mut read, mut write) = tokio::io::split(tls);
+            relay_halves((&mut read, &mut write), backend, pending, state, evict).await
+        }
+    }
+}
+
+async fn relay_halves<CR, CW, BR, BW>(
+    client: (&mut CR, &mut CW),
+    backend: (&mut BR, &mut BW),
+    (client_pending, backend_pending): (BytesMut, BytesMut),
+    state: RelayState<'_>,
+    evict: impl Future<Output = String>,
+) -> RelayEnd
+where
+    CR: AsyncRead + Unpin,
+    CW: AsyncWrite + Unpin,
+    BR: AsyncRead + Unpin,
+    BW: AsyncWrite + Unpin,
+{
     let RelayState {
         status,
         downstream,
         counters,
     } = state;
-    let (mut client_read, mut client_write) = client.split();
-    let (mut backend_read, mut backend_write) = backend.split();
-    let upstream = client_to_backend(
-        &mut client_read,
-        &mut backend_write,
-        client_pending,
-        counters.to_server,
-    );
+    let upstream = client_to_backend(client.0, backend.1, client_pending, counters.to_server);
     let down = backend_to_client(
-        &mut backend_read,
-        &mut client_write,
+        backend.0,
+        client.1,
         backend_pending,
         status,
         downstream,
@@ -128,8 +150,8 @@ pub async fn relay(
 }
 
 async fn client_to_backend(
-    client: &mut ReadHalf<'_>,
-    backend: &mut WriteHalf<'_>,
+    client: &mut (impl AsyncRead + Unpin),
+    backend: &mut (impl AsyncWrite + Unpin),
     pending: BytesMut,
     counter: &IntCounter,
 ) -> RelayEnd {
@@ -164,8 +186,8 @@ async fn client_to_backend(
 }
 
 async fn backend_to_client(
-    backend: &mut ReadHalf<'_>,
-    client: &mut WriteHalf<'_>,
+    backend: &mut (impl AsyncRead + Unpin),
+    client: &mut (impl AsyncWrite + Unpin),
     pending: BytesMut,
     status: &SessionStatus,
     state: &mut Downstream,
@@ -184,7 +206,8 @@ async fn backend_to_client(
             }
             counter.inc_by(next.len() as u64);
             state.writing = true;
-            if client.write_all(next).await.is_err() {
+            // TLS buffers records until flushed; for plain TCP flush is free.
+            if client.write_all(next).await.is_err() || client.flush().await.is_err() {
                 return RelayEnd::ClientVanished;
             }
             state.writing = false;

@@ -64,7 +64,7 @@ async fn prepare(
 ) -> Result<ReadyBackend, SessionError> {
     let limits = proxy.limits();
     let startup_timeout = limits.startup_timeout;
-    let request = timeout(startup_timeout, negotiate(client))
+    let request = timeout(startup_timeout, negotiate(client, &proxy.config.tls))
         .await
         .map_err(|_| SessionError::StartupTimeout(startup_timeout))??;
     let startup = match request {
@@ -175,6 +175,7 @@ async fn relay_session(proxy: &Proxy, client: ClientConn, ready: ReadyBackend) {
     if let Some((code, message)) = goodbye.filter(|_| downstream.can_inject()) {
         let error = ProxyError::fatal(code, message);
         let _ = client.write_all(&error.to_bytes()).await;
+        let _ = client.flush().await;
     }
 }
 

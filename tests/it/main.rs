@@ -29,3 +29,4 @@ mod ops;
 mod pgbench;
 mod psycopg;
 mod routing;
+mod tls;

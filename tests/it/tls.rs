@@ -1,0 +1,122 @@
+//! TLS toward clients: certificates made at test time (rcgen), real psql
+//! and libpq behaviour (sslmode=require, verify-full, channel binding).
+
+use std::path::PathBuf;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType, IsCa, KeyPair,
+};
+
+use crate::harness::{APP_DB, ProxiedCluster, SCRAM_USER, TempDir};
+use crate::util::{psql, stderr, stdout};
+use crate::wire::{self, SSL_REQUEST_CODE, packet, read_to_close};
+
+/// A test CA and a server certificate for `localhost` and 127.0.0.1.
+struct Pki {
+    dir: TempDir,
+}
+
+impl Pki {
+    fn new() -> Self {
+        let dir = TempDir::new("pgf-pki");
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        // Distinct names: a leaf whose subject equals its issuer looks
+        // self-signed to OpenSSL.
+        ca_params.distinguished_name = distinguished_name("pgfailover test CA");
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("CA key"))
+            .expect("CA certificate");
+        let server_key = KeyPair::generate().expect("server key");
+        let mut server_params =
+            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+                .expect("server params");
+        server_params.distinguished_name = distinguished_name("localhost");
+        let server = server_params
+            .signed_by(&server_key, &ca)
+            .expect("server certificate");
+        std::fs::write(dir.path().join("ca.pem"), ca.pem()).expect("write CA");
+        std::fs::write(dir.path().join("server.pem"), server.pem()).expect("write cert");
+        std::fs::write(dir.path().join("server.key"), server_key.serialize_pem()).expect("write key");
+        Self { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn proxy_args(&self) -> Vec<String> {
+        vec![
+            "--tls-cert".into(),
+            self.path("server.pem").display().to_string(),
+            "--tls-key".into(),
+            self.path("server.key").display().to_string(),
+        ]
+    }
+}
+
+fn distinguished_name(common_name: &str) -> DistinguishedName {
+    let mut name = DistinguishedName::new();
+    name.push(DnType::CommonName, common_name);
+    name
+}
+
+fn start(pki: &Pki, extra: &[&str]) -> ProxiedCluster {
+    let mut args = pki.proxy_args();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    ProxiedCluster::start_with(&args)
+}
+
+#[test]
+fn psql_connects_with_sslmode_require_and_verify_full() {
+    let pki = Pki::new();
+    let proxied = start(&pki, &[]);
+    let dsn = proxied.dsn(SCRAM_USER.name, SCRAM_USER.password, APP_DB);
+    let sql = "SELECT 'ok'";
+    let out = psql(&format!("{dsn} sslmode=require"), &["-c", sql]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), "ok");
+
+    let verify = format!(
+        "{} host=localhost sslmode=verify-full sslrootcert={}",
+        dsn,
+        pki.path("ca.pem").display()
+    );
+    let out = psql(&verify, &["-c", "SELECT 1"]);
+    assert!(out.status.success(), "verify-full: {}", stderr(&out));
+
+    // A SCRAM user whose client prefers channel binding still logs in:
+    // the proxy does not offer SCRAM-SHA-256-PLUS across its TLS end.
+    let out = psql(&format!("{dsn} sslmode=require channel_binding=prefer"), &["-c", "SELECT 2"]);
+    assert!(out.status.success(), "channel_binding=prefer: {}", stderr(&out));
+}
+
+#[test]
+fn tls_mode_require_refuses_plaintext_clients() {
+    let pki = Pki::new();
+    let proxied = start(&pki, &["--tls-mode", "require"]);
+    let dsn = proxied.dsn(SCRAM_USER.name, SCRAM_USER.password, APP_DB);
+    let out = psql(&format!("{dsn} sslmode=disable"), &["-c", "SELECT 1"]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("SSL connection is required"), "{err}");
+    let (code, _) = wire::error_for(proxied.proxy.port(), &wire::startup(SCRAM_USER.name, APP_DB));
+    assert_eq!(code, "28000");
+    let out = psql(&format!("{dsn} sslmode=require"), &["-c", "SELECT 1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
+fn plaintext_pipelined_after_ssl_request_is_refused_before_the_handshake() {
+    let pki = Pki::new();
+    let proxied = start(&pki, &[]);
+    let mut bytes = packet(SSL_REQUEST_CODE, b"");
+    bytes.extend(wire::startup(SCRAM_USER.name, APP_DB));
+    let mut stream = wire::connect(proxied.proxy.port());
+    std::io::Write::write_all(&mut stream, &bytes).expect("send");
+    let reply = read_to_close(&mut stream);
+    assert_ne!(reply.first(), Some(&b'S'), "no TLS for a poisoned SSLRequest");
+    let (code, message) = wire::first_error(&reply).expect("an ErrorResponse");
+    assert_eq!(code, "08P01");
+    assert!(message.contains("unencrypted data after SSL request"), "{message}");
+}
