@@ -1,7 +1,7 @@
 //! Cluster members other than the proxy (the witness), and the voter list
 //! they all share: names and admin ports fixed before anyone starts.
 
-use std::fs::{self, File};
+use std::fs;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
@@ -53,50 +53,84 @@ pub struct WitnessProcess {
     child: Child,
     pub admin_port: u16,
     dir: TempDir,
+    /// Everything after the binary, kept for `restart`.
+    args: Vec<String>,
 }
 
-impl WitnessProcess {
-    pub fn start(nodes: &[(&str, u16)], voters: &VoterSet, name: &str) -> Self {
-        let dir = TempDir::new("pgf-witness");
-        let log_path = dir.path().join("witness.log");
-        let log = File::create(&log_path).expect("create witness.log");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgfailover"));
-        cmd.arg("witness");
-        for (node, port) in nodes {
-            cmd.arg("--node").arg(format!("{node}=127.0.0.1:{port}"));
-        }
-        cmd.args([
-            "--monitor-user",
-            MONITOR.name,
-            "--monitor-interval",
-            "200ms",
-        ])
-        .args(voters.args_for(name))
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
+/// Spawns `pgfailover ARGS` appending its output to `log_path`.
+fn spawn_witness(log_path: &std::path::Path, args: &[String]) -> Child {
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .expect("open witness.log");
+    Command::new(env!("CARGO_BIN_EXE_pgfailover"))
+        .args(args)
         .env("PGFAILOVER_MONITOR_PASSWORD", MONITOR.password)
         .env("PGFAILOVER_CLUSTER_TOKEN", CLUSTER_TOKEN)
         .env("RUST_LOG", "debug,tokio_postgres=info,hyper_util=info")
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("clone log"))
-        .stderr(log);
-        let child = cmd.spawn().expect("spawn pgfailover witness");
-        let admin_port = voters.admin_port(name);
-        let witness = Self {
+        .stderr(log)
+        .spawn()
+        .expect("spawn pgfailover witness")
+}
+
+impl WitnessProcess {
+    pub fn start(nodes: &[(&str, u16)], voters: &VoterSet, name: &str) -> Self {
+        let dir = TempDir::new("pgf-witness");
+        let mut args = vec!["witness".to_string()];
+        for (node, port) in nodes {
+            args.push("--node".into());
+            args.push(format!("{node}=127.0.0.1:{port}"));
+        }
+        args.extend(
+            [
+                "--monitor-user",
+                MONITOR.name,
+                "--monitor-interval",
+                "200ms",
+            ]
+            .map(String::from),
+        );
+        args.extend(voters.args_for(name));
+        args.push("--state-dir".into());
+        args.push(dir.path().join("state").to_string_lossy().into_owned());
+        let child = spawn_witness(&dir.path().join("witness.log"), &args);
+        let mut witness = Self {
             child,
-            admin_port,
+            admin_port: voters.admin_port(name),
             dir,
+            args,
         };
+        witness.wait_listening();
+        witness
+    }
+
+    /// Kills the witness if it runs and starts it again with the same
+    /// flags, state dir (its vote record) and admin port; appends to the
+    /// same log.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.child = spawn_witness(&self.log_path(), &self.args);
+        self.wait_listening();
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    fn wait_listening(&mut self) {
         let start = Instant::now();
-        while TcpStream::connect(("127.0.0.1", admin_port)).is_err() {
+        while TcpStream::connect(("127.0.0.1", self.admin_port)).is_err() {
+            let exited = self.child.try_wait().ok().flatten();
             assert!(
-                start.elapsed() < DEADLINE,
-                "witness never listened:\n{}",
-                witness.log()
+                exited.is_none() && start.elapsed() < DEADLINE,
+                "witness never listened ({exited:?}):\n{}",
+                self.log()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        witness
     }
 
     pub fn log_path(&self) -> PathBuf {

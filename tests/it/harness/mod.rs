@@ -5,6 +5,7 @@
 //! tokio tests, and must be able to clean up from `Drop` during a panic.
 
 mod cluster;
+mod forward;
 mod members;
 mod node;
 mod proxy;
@@ -20,6 +21,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 pub use cluster::PgCluster;
+pub use forward::Forwarder;
 pub use members::{VoterSet, WitnessProcess, admin_get, admin_request};
 pub use node::PgNode;
 pub use proxy::{ProxiedCluster, ProxyProcess};
