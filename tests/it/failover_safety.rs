@@ -1,0 +1,1112 @@
+//! The voting invariants, each checked the way an operator would: through
+//! the members' `/cluster` and `/events`, the nodes' own state, and what
+//! real clients writing through the proxies saw.
+//!
+//! Partitions are one-sided TCP relays (`Forwarder`) between a member and
+//! a node: cutting one closes the member's monitoring and data-plane
+//! connections to the node and refuses new ones, while the other members
+//! keep talking to the node directly.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::task::JoinHandle;
+use tokio_postgres::Client;
+
+use crate::harness::{
+    APP_DB, DEADLINE, Forwarder, PgCluster, PgNode, ProxyProcess, SCRAM_USER, VoterSet,
+    WitnessProcess, admin_get, wait_until,
+};
+use crate::util::{signal, try_connect};
+
+/// How long a test watches for a promotion that must not happen.
+const OBSERVE: Duration = Duration::from_secs(10);
+/// The proxies' hold timeout (the harness default).
+const HOLD: Duration = Duration::from_secs(10);
+
+// ---------------------------------------------------------------------------
+// Members as an operator sees them.
+
+/// A member's admin API.
+#[derive(Debug, Clone, Copy)]
+struct Admin {
+    name: &'static str,
+    port: u16,
+}
+
+impl Admin {
+    fn of(voters: &VoterSet, name: &'static str) -> Self {
+        Self {
+            name,
+            port: voters.admin_port(name),
+        }
+    }
+
+    /// `/cluster`.
+    fn status(&self) -> Value {
+        let (code, body) = admin_get(self.port, "/cluster");
+        assert_eq!(code, 200, "{}: {body}", self.name);
+        serde_json::from_str(&body).expect("cluster JSON")
+    }
+
+    /// `/events`.
+    fn events(&self) -> Vec<Value> {
+        let (code, body) = admin_get(self.port, "/events");
+        assert_eq!(code, 200, "{}: {body}", self.name);
+        serde_json::from_str(&body).expect("events JSON")
+    }
+
+    /// `/v1/state`: the voter's durable record (a witness has no term in
+    /// its `/cluster`: it runs no coordinator).
+    fn record(&self) -> Value {
+        let (code, body) = admin_get(self.port, "/v1/state");
+        assert_eq!(code, 200, "{}: {body}", self.name);
+        let state: Value = serde_json::from_str(&body).expect("state JSON");
+        state["record"].clone()
+    }
+
+    fn routes(&self, term: u64, node: &str) -> bool {
+        let s = self.status();
+        s["term"] == term && s["routing_to"] == node
+    }
+
+    fn wait_route(&self, term: u64, node: &str, timeout: Duration) {
+        wait_until(
+            &format!("{} routes writes to {node} in term {term}", self.name),
+            timeout,
+            || self.routes(term, node),
+        );
+    }
+
+    fn node_report(&self, node: &str) -> Value {
+        let status = self.status();
+        status["nodes"]
+            .as_array()
+            .and_then(|nodes| nodes.iter().find(|n| n["name"] == node))
+            .cloned()
+            .unwrap_or_else(|| panic!("{node} missing from {status}"))
+    }
+}
+
+fn kind_is<'a>(events: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    events.iter().filter(|e| e["kind"] == kind).collect()
+}
+
+fn detail(event: &Value) -> &str {
+    event["detail"].as_str().unwrap_or_default()
+}
+
+fn start_proxy(nodes: &[(&str, u16)], voters: &VoterSet, name: &str) -> ProxyProcess {
+    let args = voters.args_for(name);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    ProxyProcess::start(nodes, &args)
+}
+
+fn dsn(proxy: &ProxyProcess) -> String {
+    proxy.dsn(SCRAM_USER.name, SCRAM_USER.password, APP_DB)
+}
+
+fn in_recovery(node: &PgNode) -> bool {
+    node.psql("SELECT pg_is_in_recovery()") == "t"
+}
+
+/// Watches `standby` for `how_long`, failing the moment it leaves
+/// recovery; `also` runs on every look (more invariants to hold).
+fn observe_no_promotion(standby: &PgNode, how_long: Duration, mut also: impl FnMut()) {
+    let start = Instant::now();
+    while start.elapsed() < how_long {
+        assert!(
+            in_recovery(standby),
+            "{} was promoted {:?} into the observation",
+            standby.name,
+            start.elapsed()
+        );
+        also();
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Clients.
+
+/// "SQLSTATE: message (detail)" of a server error, the text otherwise.
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!(
+            "{}: {} ({})",
+            db.code().code(),
+            db.message(),
+            db.detail().unwrap_or("")
+        ),
+        None => e.to_string(),
+    }
+}
+
+fn sqlstate(e: &tokio_postgres::Error) -> Option<&str> {
+    e.as_db_error().map(|db| db.code().code())
+}
+
+async fn create_writes_table(dsn: &str) {
+    let client = crate::util::connect(dsn).await;
+    client
+        .batch_execute(
+            "CREATE TABLE writes (id bigserial PRIMARY KEY, proxy text, node text NOT NULL, \
+             at timestamptz DEFAULT clock_timestamp())",
+        )
+        .await
+        .expect("create table");
+}
+
+/// Inserts one row through `client`; returns the node that took it.
+async fn write_once(client: &Client, proxy: &str) -> Result<String, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "INSERT INTO writes (proxy, node) VALUES ($1, current_setting('cluster_name')) \
+             RETURNING node",
+            &[&proxy],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// Connects and writes until one write lands; returns the node.
+async fn one_write(dsn: &str, proxy: &str) -> Result<String, String> {
+    let client = try_connect(dsn).await.map_err(|e| describe(&e))?;
+    write_once(&client, proxy).await.map_err(|e| describe(&e))
+}
+
+/// One acknowledged write, timed by the client (monotonic clock).
+#[derive(Debug, Clone)]
+struct Write {
+    proxy: &'static str,
+    node: String,
+    before: Instant,
+    after: Instant,
+}
+
+/// What a writer saw.
+#[derive(Debug, Default)]
+struct WriterLog {
+    writes: Vec<Write>,
+    /// Errors by SQLSTATE (or "io" for a plain connection error).
+    errors: BTreeMap<String, usize>,
+    last_error: BTreeMap<String, String>,
+}
+
+/// Writers looping through proxies (one per proxy), each reconnecting on
+/// any error as an application does, until stopped.
+struct Writers {
+    stop: Arc<AtomicBool>,
+    log: Arc<Mutex<WriterLog>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Writers {
+    fn start(targets: &[(&'static str, String)]) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let log = Arc::new(Mutex::new(WriterLog::default()));
+        let tasks = targets
+            .iter()
+            .map(|(proxy, dsn)| {
+                tokio::spawn(writer(
+                    proxy,
+                    dsn.clone(),
+                    Arc::clone(&stop),
+                    Arc::clone(&log),
+                ))
+            })
+            .collect();
+        Self { stop, log, tasks }
+    }
+
+    fn count(&self, proxy: &str, node: &str) -> usize {
+        let log = self.log.lock().unwrap();
+        log.writes
+            .iter()
+            .filter(|w| w.proxy == proxy && w.node == node)
+            .count()
+    }
+
+    /// Waits for `n` more writes through `proxy` landing on `node`.
+    async fn wait_writes(&self, proxy: &str, node: &str, n: usize) {
+        let target = self.count(proxy, node) + n;
+        let start = Instant::now();
+        while self.count(proxy, node) < target {
+            assert!(
+                start.elapsed() < DEADLINE,
+                "no write through {proxy} reached {node}; errors so far: {:?}",
+                self.log.lock().unwrap().last_error
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stops the writers (an in-flight write is abandoned, unacknowledged)
+    /// and returns what they saw.
+    async fn stop(mut self) -> WriterLog {
+        self.stop.store(true, Ordering::SeqCst);
+        for task in std::mem::take(&mut self.tasks) {
+            // A writer held past the stop is dropped: the log already has
+            // every acknowledged write.
+            let _ = tokio::time::timeout(Duration::from_secs(20), task).await;
+        }
+        std::mem::take(&mut *self.log.lock().unwrap())
+    }
+}
+
+impl Drop for Writers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+async fn writer(
+    proxy: &'static str,
+    dsn: String,
+    stop: Arc<AtomicBool>,
+    log: Arc<Mutex<WriterLog>>,
+) {
+    let mut client: Option<Client> = None;
+    let record_error = |e: String, state: String| {
+        let mut log = log.lock().unwrap();
+        *log.errors.entry(state.clone()).or_default() += 1;
+        log.last_error.insert(state, e);
+    };
+    while !stop.load(Ordering::SeqCst) {
+        if client.as_ref().is_some_and(Client::is_closed) {
+            // Closed between writes (evicted, backend lost): the FATAL
+            // went to the connection task; count it all the same.
+            record_error("closed while idle".into(), "closed".into());
+            client = None;
+        }
+        if client.is_none() {
+            match try_connect(&dsn).await {
+                Ok(c) => client = Some(c),
+                Err(e) => {
+                    record_error(describe(&e), sqlstate(&e).unwrap_or("io").into());
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            }
+        }
+        let Some(c) = &client else { continue };
+        let before = Instant::now();
+        match write_once(c, proxy).await {
+            Ok(node) => {
+                let after = Instant::now();
+                log.lock().unwrap().writes.push(Write {
+                    proxy,
+                    node,
+                    before,
+                    after,
+                });
+            }
+            Err(e) => {
+                record_error(describe(&e), sqlstate(&e).unwrap_or("io").into());
+                client = None;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Invariant 1 on what clients saw: no two writes acknowledged by
+/// different nodes overlapped in time, and once a write started on the
+/// new primary no write was acknowledged by the old one. Returns the gap
+/// between the last write on `old` and the first on `new`.
+fn assert_one_writable_node_at_a_time(writes: &[Write], old: &str, new: &str) -> Duration {
+    for a in writes {
+        assert!(
+            a.node == old || a.node == new,
+            "write on unexpected node {a:?}"
+        );
+    }
+    let on = |node: &str| -> Vec<&Write> { writes.iter().filter(|w| w.node == node).collect() };
+    let (olds, news) = (on(old), on(new));
+    assert!(!olds.is_empty(), "no write reached {old}");
+    assert!(!news.is_empty(), "no write reached {new}");
+    for a in &olds {
+        for b in &news {
+            assert!(
+                !(a.before < b.after && b.before < a.after),
+                "writes overlapped on two nodes: {a:?} and {b:?}"
+            );
+        }
+    }
+    let last_old = olds.iter().map(|w| w.after).max().expect("a write on old");
+    let first_new = news.iter().map(|w| w.before).min().expect("a write on new");
+    assert!(
+        last_old < first_new,
+        "a write was acknowledged by {old} {:?} after a write started on {new}",
+        last_old - first_new
+    );
+    first_new - last_old
+}
+
+/// Events of kind `kind` across several members' logs, by term.
+fn by_term(logs: &[(&str, Vec<Value>)], kind: &str) -> BTreeMap<u64, Vec<String>> {
+    let mut terms: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+    for (member, events) in logs {
+        for e in kind_is(events, kind) {
+            let term = e["term"].as_u64().unwrap_or_default();
+            terms
+                .entry(term)
+                .or_default()
+                .push(format!("{member}: {}", detail(e)));
+        }
+    }
+    terms
+}
+
+/// Waits until every proxy in `proxies` routes writes to `node` in one
+/// and the same term newer than `after`, and returns that term. On
+/// timeout the panic shows what an operator would look at: each proxy's
+/// term, route and reason writes are blocked, and every voter's record.
+fn wait_all_route(proxies: &[Admin], voters: &[Admin], node: &str, after: u64) -> u64 {
+    let start = Instant::now();
+    loop {
+        let statuses: Vec<Value> = proxies.iter().map(Admin::status).collect();
+        let term = statuses[0]["term"].as_u64().unwrap_or_default();
+        if term > after
+            && statuses
+                .iter()
+                .all(|s| s["term"] == term && s["routing_to"] == node)
+        {
+            return term;
+        }
+        if start.elapsed() > DEADLINE {
+            let routes: Vec<String> = proxies
+                .iter()
+                .zip(&statuses)
+                .map(|(p, s)| {
+                    format!(
+                        "{}: term {} primary {} routing_to {} writes_blocked {}",
+                        p.name, s["term"], s["primary"], s["routing_to"], s["writes_blocked"]
+                    )
+                })
+                .collect();
+            let records: Vec<String> = voters
+                .iter()
+                .map(|v| format!("{}: {}", v.name, v.record()))
+                .collect();
+            panic!(
+                "after {DEADLINE:?} the proxies do not all route writes to {node} in one \
+                 term after {after}:\n{}\nvoter records:\n{}",
+                routes.join("\n"),
+                records.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 1. Visibility consensus.
+
+/// The proxy loses its route to the primary while the witness still sees
+/// it: the proxy may not promote, and says why; after the partition heals
+/// writes flow to the same primary in the same term.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_cut_off_from_the_primary_cannot_promote_while_the_witness_sees_it() {
+    let cluster = PgCluster::primary_with_standby();
+    let to_n1 = Forwarder::start(cluster.primary.port());
+    let voters = VoterSet::new(&["p1", "w1"]);
+    let _witness = WitnessProcess::start(&cluster.nodes(), &voters, "w1");
+    let proxy = start_proxy(
+        &[("n1", to_n1.port()), ("n2", cluster.standby.port())],
+        &voters,
+        "p1",
+    );
+    let (p1, w1) = (Admin::of(&voters, "p1"), Admin::of(&voters, "w1"));
+    p1.wait_route(1, "n1", DEADLINE);
+    create_writes_table(&dsn(&proxy)).await;
+    assert_eq!(one_write(&dsn(&proxy), "p1").await.unwrap(), "n1");
+    let open = crate::util::connect(&dsn(&proxy)).await;
+
+    let cut = Instant::now();
+    to_n1.cut();
+    // A session opened during the partition is held, then refused.
+    let held = {
+        let dsn = dsn(&proxy);
+        tokio::spawn(async move {
+            let start = Instant::now();
+            (try_connect(&dsn).await.map(|_| ()), start.elapsed())
+        })
+    };
+    wait_until("p1 sees n1 down", DEADLINE, || {
+        p1.node_report("n1")["state"] == "down"
+    });
+    let seen_down = cut.elapsed();
+    wait_until(
+        "p1 records an election lost because w1 still sees n1",
+        DEADLINE,
+        || {
+            kind_is(&p1.events(), "election_lost")
+                .iter()
+                .any(|e| detail(e).contains("still see n1"))
+        },
+    );
+    let refused = cut.elapsed();
+    observe_no_promotion(&cluster.standby, OBSERVE, || {
+        let s = p1.status();
+        assert_eq!(s["term"], 1, "{s}");
+        assert_eq!(s["primary"], "n1", "{s}");
+        assert_eq!(s["routing_to"], Value::Null, "{s}");
+        assert_eq!(w1.record()["term"], 1);
+    });
+
+    // What the operator reads.
+    let status = p1.status();
+    let n1 = p1.node_report("n1");
+    assert_eq!(n1["state"], "down", "{n1}");
+    assert_eq!(
+        status["writes_blocked"],
+        Value::Null,
+        "nothing blocks writes but n1's health: {status}"
+    );
+    let events = p1.events();
+    let lost = kind_is(&events, "election_lost");
+    let why = lost
+        .iter()
+        .find(|e| detail(e).contains("still see n1"))
+        .expect("an election lost naming n1");
+    assert_eq!(why["term"], 2, "{why}");
+    assert!(detail(why).contains("1 of 2 votes"), "{why}");
+    assert!(detail(why).contains("w1"), "{why}");
+    for kind in ["election_won", "promote", "failover", "term_published"] {
+        let late: Vec<_> = kind_is(&events, kind)
+            .into_iter()
+            .filter(|e| e["term"].as_u64() > Some(1))
+            .collect();
+        assert!(late.is_empty(), "{kind} in a new term: {late:?}");
+    }
+    let witness_events = w1.events();
+    let refusals = kind_is(&witness_events, "vote_refused");
+    assert!(
+        refusals
+            .iter()
+            .any(|e| detail(e).contains("I still see n1 as primary")),
+        "the witness says why it refused: {refusals:?}"
+    );
+    let grants: Vec<_> = kind_is(&witness_events, "vote_granted")
+        .into_iter()
+        .filter(|e| e["term"].as_u64() > Some(1))
+        .collect();
+    assert!(grants.is_empty(), "the witness voted: {grants:?}");
+
+    // The session opened during the partition was held, then refused.
+    let (result, waited) = held.await.unwrap();
+    let err = result.expect_err("no route during the partition");
+    assert_eq!(sqlstate(&err), Some("57P03"), "{}", describe(&err));
+    assert!(describe(&err).contains("n1: down"), "{}", describe(&err));
+    assert!(waited >= HOLD - Duration::from_secs(1), "held {waited:?}");
+    // The session open before the cut lost its backend.
+    assert!(
+        open.simple_query("SELECT 1").await.is_err(),
+        "a session through the cut relay survived"
+    );
+
+    let healed = Instant::now();
+    to_n1.heal();
+    p1.wait_route(1, "n1", DEADLINE);
+    let back = healed.elapsed();
+    for _ in 0..3 {
+        assert_eq!(one_write(&dsn(&proxy), "p1").await.unwrap(), "n1");
+    }
+    assert!(in_recovery(&cluster.standby));
+    assert_eq!(p1.status()["term"], 1);
+    println!(
+        "visibility consensus: n1 down in p1's view {seen_down:?} after the cut, \
+         election refused {refused:?} after it ({} election_lost / {} vote_refused events), \
+         no promotion in {OBSERVE:?}; held session refused after {waited:?}; \
+         writes on n1 again {back:?} after the heal, term 1",
+        lost.len(),
+        refusals.len()
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 2. No majority, no promotion.
+
+/// Two voters; the witness dies, then the primary: one vote of two is no
+/// majority, so the standby stays a standby and sessions are held, then
+/// refused. When the witness returns with its record, the failover runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_majority_the_primary_is_not_replaced_until_the_witness_returns() {
+    let cluster = PgCluster::primary_with_standby();
+    let voters = VoterSet::new(&["p1", "w1"]);
+    let mut witness = WitnessProcess::start(&cluster.nodes(), &voters, "w1");
+    let proxy = start_proxy(&cluster.nodes(), &voters, "p1");
+    let p1 = Admin::of(&voters, "p1");
+    p1.wait_route(1, "n1", DEADLINE);
+    wait_until("p1 knows w1 is a witness", DEADLINE, || {
+        p1.status()["lease_needed"] == false
+    });
+    create_writes_table(&dsn(&proxy)).await;
+
+    witness.kill();
+    wait_until("p1 sees w1 unreachable", DEADLINE, || {
+        p1.status()["voters"].as_array().is_some_and(|v| {
+            v.iter()
+                .any(|v| v["name"] == "w1" && v["reachable"] == false)
+        })
+    });
+    // One proxy needs no lease: losing the witness does not stop writes.
+    assert_eq!(one_write(&dsn(&proxy), "p1").await.unwrap(), "n1");
+
+    let killed = Instant::now();
+    cluster.primary.kill9();
+    let held = {
+        let dsn = dsn(&proxy);
+        tokio::spawn(async move {
+            let start = Instant::now();
+            (try_connect(&dsn).await.map(|_| ()), start.elapsed())
+        })
+    };
+    wait_until("p1 loses an election for lack of votes", DEADLINE, || {
+        kind_is(&p1.events(), "election_lost")
+            .iter()
+            .any(|e| detail(e).contains("1 of 2 votes"))
+    });
+    let lost_after = killed.elapsed();
+    observe_no_promotion(&cluster.standby, OBSERVE, || {
+        let s = p1.status();
+        assert_eq!(s["term"], 1, "{s}");
+        assert_eq!(s["routing_to"], Value::Null, "{s}");
+    });
+
+    let (result, waited) = held.await.unwrap();
+    let err = result.expect_err("no route without a primary");
+    assert_eq!(sqlstate(&err), Some("57P03"), "{}", describe(&err));
+    assert!(waited >= HOLD - Duration::from_secs(1), "held {waited:?}");
+
+    let status = p1.status();
+    let w1 = status["voters"]
+        .as_array()
+        .and_then(|v| v.iter().find(|v| v["name"] == "w1"))
+        .cloned()
+        .expect("w1 among the voters");
+    assert_eq!(w1["reachable"], false, "{w1}");
+    assert_eq!(p1.node_report("n1")["state"], "down");
+    let events = p1.events();
+    let lost = kind_is(&events, "election_lost");
+    let why = lost
+        .iter()
+        .find(|e| detail(e).contains("1 of 2 votes"))
+        .expect("election lost");
+    assert!(detail(why).contains("2 needed"), "{why}");
+    assert!(detail(why).contains("w1"), "{why}");
+    assert!(kind_is(&events, "promote").is_empty());
+
+    // The witness comes back with the same state dir and admin port.
+    let restarted = Instant::now();
+    witness.restart();
+    let mut took = None;
+    while took.is_none() {
+        assert!(
+            restarted.elapsed() < DEADLINE,
+            "no failover after the witness returned"
+        );
+        if let Ok(node) = one_write(&dsn(&proxy), "p1").await
+            && node == "n2"
+        {
+            took = Some(restarted.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let took = took.unwrap();
+    p1.wait_route(2, "n2", DEADLINE);
+    let w1_record = Admin::of(&voters, "w1").record();
+    assert_eq!(w1_record["term"], 2, "{w1_record}");
+    assert_eq!(w1_record["primary"], "n2", "{w1_record}");
+    let failovers = kind_is(&p1.events(), "failover")
+        .into_iter()
+        .cloned()
+        .collect::<Vec<_>>();
+    assert_eq!(failovers.len(), 1, "{failovers:?}");
+    assert_eq!(failovers[0]["term"], 2);
+    println!(
+        "no majority: election lost {lost_after:?} after kill -9 ({} election_lost events), \
+         no promotion in {OBSERVE:?}, held session got 57P03 after {waited:?}; \
+         witness restart to first write on n2: {took:?}",
+        lost.len()
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 3. Two proxies: one writable node at a time.
+
+/// Two proxies and a witness; the primary is cut off from p1 only. p2 and
+/// w1 still see it, so nobody promotes and p2 keeps writing to n1 while
+/// p1 holds. Then the primary dies for real: exactly one promotion, and
+/// the writes through both proxies never overlap on two nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_proxies_one_partitioned_never_route_writes_to_two_nodes() {
+    let cluster = PgCluster::primary_with_standby();
+    let to_n1 = Forwarder::start(cluster.primary.port());
+    let voters = VoterSet::new(&["p1", "p2", "w1"]);
+    let _witness = WitnessProcess::start(&cluster.nodes(), &voters, "w1");
+    let proxy1 = start_proxy(
+        &[("n1", to_n1.port()), ("n2", cluster.standby.port())],
+        &voters,
+        "p1",
+    );
+    let proxy2 = start_proxy(&cluster.nodes(), &voters, "p2");
+    let (p1, p2) = (Admin::of(&voters, "p1"), Admin::of(&voters, "p2"));
+    for p in [p1, p2] {
+        p.wait_route(1, "n1", DEADLINE);
+        assert_eq!(p.status()["lease_needed"], true, "two proxies need leases");
+    }
+    create_writes_table(&dsn(&proxy2)).await;
+
+    let writers = Writers::start(&[("p1", dsn(&proxy1)), ("p2", dsn(&proxy2))]);
+    writers.wait_writes("p1", "n1", 20).await;
+    writers.wait_writes("p2", "n1", 20).await;
+
+    // Phase 1: p1 alone loses n1. No majority sees it down.
+    to_n1.cut();
+    wait_until("p1 loses an election", DEADLINE, || {
+        kind_is(&p1.events(), "election_lost")
+            .iter()
+            .any(|e| detail(e).contains("still see n1"))
+    });
+    let p2_before = writers.count("p2", "n1");
+    observe_no_promotion(&cluster.standby, OBSERVE, || {
+        let (s1, s2) = (p1.status(), p2.status());
+        assert_eq!(s1["term"], 1, "{s1}");
+        assert_eq!(s1["routing_to"], Value::Null, "{s1}");
+        assert_eq!(s2["term"], 1, "{s2}");
+        assert_eq!(s2["routing_to"], "n1", "p2 keeps its route: {s2}");
+    });
+    let p2_during = writers.count("p2", "n1") - p2_before;
+    assert!(p2_during > 20, "p2 kept writing to n1: {p2_during} writes");
+
+    // Phase 2: the primary dies. p2 and w1 see it down too.
+    let killed = Instant::now();
+    cluster.primary.kill9();
+    let w1 = Admin::of(&voters, "w1");
+    let term = wait_all_route(&[p1, p2], &[p1, p2, w1], "n2", 1);
+    let converged = killed.elapsed();
+    writers.wait_writes("p1", "n2", 20).await;
+    writers.wait_writes("p2", "n2", 20).await;
+    let log = writers.stop().await;
+
+    let gap = assert_one_writable_node_at_a_time(&log.writes, "n1", "n2");
+    let logs = [("p1", p1.events()), ("p2", p2.events())];
+    let promotions = by_term(&logs, "promote");
+    assert_eq!(promotions.len(), 1, "promotions: {promotions:?}");
+    assert_eq!(
+        promotions.get(&term).map(Vec::len),
+        Some(1),
+        "{promotions:?}"
+    );
+    for (term, won) in by_term(&logs, "election_won") {
+        assert_eq!(won.len(), 1, "term {term} won twice: {won:?}");
+    }
+    // Every write acknowledged on n2 is on n2.
+    let acked_on_n2 = log.writes.iter().filter(|w| w.node == "n2").count();
+    let rows_on_n2: usize = cluster
+        .standby
+        .psql_db(APP_DB, "SELECT count(*) FROM writes WHERE node = 'n2'")
+        .parse()
+        .unwrap();
+    assert_eq!(rows_on_n2, acked_on_n2);
+    let per = |p: &str, n: &str| {
+        log.writes
+            .iter()
+            .filter(|w| w.proxy == p && w.node == n)
+            .count()
+    };
+    println!(
+        "two proxies, p1 partitioned: p2 wrote {p2_during} rows to n1 in {OBSERVE:?} while p1 held, \
+         no promotion; after kill -9 both routed to n2 in term {term} after {converged:?}; \
+         writes p1 n1/n2 {}/{}, p2 n1/n2 {}/{}; gap between last write on n1 and first on n2: \
+         {gap:?}; promotions {promotions:?}; client errors {:?}",
+        per("p1", "n1"),
+        per("p1", "n2"),
+        per("p2", "n1"),
+        per("p2", "n2"),
+        log.errors
+    );
+}
+
+/// The common deployment: two proxies and a witness, all seeing the
+/// primary die (kill -9) at the same time. Both proxies run for the next
+/// term; exactly one node must be promoted, and both proxies must end up
+/// writing to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_proxies_fail_over_once_after_kill9_and_both_write_again() {
+    let cluster = PgCluster::primary_with_standby();
+    let voters = VoterSet::new(&["p1", "p2", "w1"]);
+    let _witness = WitnessProcess::start(&cluster.nodes(), &voters, "w1");
+    let proxy1 = start_proxy(&cluster.nodes(), &voters, "p1");
+    let proxy2 = start_proxy(&cluster.nodes(), &voters, "p2");
+    let (p1, p2, w1) = (
+        Admin::of(&voters, "p1"),
+        Admin::of(&voters, "p2"),
+        Admin::of(&voters, "w1"),
+    );
+    for p in [p1, p2] {
+        p.wait_route(1, "n1", DEADLINE);
+    }
+    create_writes_table(&dsn(&proxy1)).await;
+    let writers = Writers::start(&[("p1", dsn(&proxy1)), ("p2", dsn(&proxy2))]);
+    writers.wait_writes("p1", "n1", 20).await;
+    writers.wait_writes("p2", "n1", 20).await;
+
+    let killed = Instant::now();
+    cluster.primary.kill9();
+    let term = wait_all_route(&[p1, p2], &[p1, p2, w1], "n2", 1);
+    let converged = killed.elapsed();
+    writers.wait_writes("p1", "n2", 20).await;
+    writers.wait_writes("p2", "n2", 20).await;
+    let log = writers.stop().await;
+
+    let gap = assert_one_writable_node_at_a_time(&log.writes, "n1", "n2");
+    let logs = [("p1", p1.events()), ("p2", p2.events())];
+    let promotions = by_term(&logs, "promote");
+    assert_eq!(promotions.len(), 1, "promotions: {promotions:?}");
+    let won = by_term(&logs, "election_won");
+    for (t, w) in &won {
+        assert_eq!(w.len(), 1, "term {t} won twice: {w:?}");
+    }
+    let per = |p: &str, n: &str| {
+        log.writes
+            .iter()
+            .filter(|w| w.proxy == p && w.node == n)
+            .count()
+    };
+    println!(
+        "two proxies, kill -9: both on n2 in term {term} {converged:?} after the kill; \
+         gap between the last write on n1 and the first on n2 {gap:?}; elections won {won:?}; \
+         writes p1 n1/n2 {}/{}, p2 n1/n2 {}/{}; client errors {:?}",
+        per("p1", "n1"),
+        per("p1", "n2"),
+        per("p2", "n1"),
+        per("p2", "n2"),
+        log.errors
+    );
+}
+
+/// Two proxies and a witness; the primary is cut off from p1 and the
+/// witness (a majority) while p2 still reaches it and keeps writing. The
+/// majority fails over; p2 must stop writing to n1 (its lease runs out)
+/// before n2 takes writes, then follow term 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_majority_partition_fails_over_only_after_the_minority_proxy_stops_writing() {
+    let cluster = PgCluster::primary_with_standby();
+    let to_n1 = Forwarder::start(cluster.primary.port());
+    let cut_view = [("n1", to_n1.port()), ("n2", cluster.standby.port())];
+    let voters = VoterSet::new(&["p1", "p2", "w1"]);
+    let _witness = WitnessProcess::start(&cut_view, &voters, "w1");
+    let proxy1 = start_proxy(&cut_view, &voters, "p1");
+    let proxy2 = start_proxy(&cluster.nodes(), &voters, "p2");
+    let (p1, p2) = (Admin::of(&voters, "p1"), Admin::of(&voters, "p2"));
+    for p in [p1, p2] {
+        p.wait_route(1, "n1", DEADLINE);
+    }
+    create_writes_table(&dsn(&proxy2)).await;
+    let writers = Writers::start(&[("p1", dsn(&proxy1)), ("p2", dsn(&proxy2))]);
+    writers.wait_writes("p1", "n1", 20).await;
+    writers.wait_writes("p2", "n1", 20).await;
+
+    let cut = Instant::now();
+    to_n1.cut();
+    let w1 = Admin::of(&voters, "w1");
+    let term = wait_all_route(&[p1, p2], &[p1, p2, w1], "n2", 1);
+    let converged = cut.elapsed();
+    // p2 still reaches n1, writable on the old timeline: it fences it.
+    wait_until("n1 is fenced read-only", DEADLINE, || {
+        cluster
+            .primary
+            .try_psql("SHOW default_transaction_read_only")
+            .is_ok_and(|v| v == "on")
+    });
+    writers.wait_writes("p1", "n2", 20).await;
+    writers.wait_writes("p2", "n2", 20).await;
+    let log = writers.stop().await;
+
+    let gap = assert_one_writable_node_at_a_time(&log.writes, "n1", "n2");
+    let logs = [("p1", p1.events()), ("p2", p2.events())];
+    let promotions = by_term(&logs, "promote");
+    assert_eq!(promotions.len(), 1, "promotions: {promotions:?}");
+    for (term, won) in by_term(&logs, "election_won") {
+        assert_eq!(won.len(), 1, "term {term} won twice: {won:?}");
+    }
+    let lease_waits = by_term(&logs, "lease_wait");
+    let last_n1_write = log
+        .writes
+        .iter()
+        .filter(|w| w.node == "n1")
+        .map(|w| w.after)
+        .max()
+        .unwrap();
+    let per = |p: &str, n: &str| {
+        log.writes
+            .iter()
+            .filter(|w| w.proxy == p && w.node == n)
+            .count()
+    };
+    println!(
+        "majority partition: both proxies on n2 in term {term} {converged:?} after the cut; \
+         p2's last write on n1 {:?} after the cut; gap to the first write on n2 {gap:?}; \
+         lease waits {lease_waits:?}; writes p1 n1/n2 {}/{}, p2 n1/n2 {}/{}; client errors {:?}",
+        last_n1_write.saturating_duration_since(cut),
+        per("p1", "n1"),
+        per("p1", "n2"),
+        per("p2", "n1"),
+        per("p2", "n2"),
+        log.errors
+    );
+}
+
+/// A lost election must leave nothing behind. p1 is cut off from the
+/// primary for a while and loses elections for term 2 (p2 and the witness
+/// still see n1); the partition heals and both proxies write to n1 in
+/// term 1 again. Then the witness dies: one voter of three is gone, which
+/// per the design never stops writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_witness_after_a_lost_election_does_not_stop_writes() {
+    let cluster = PgCluster::primary_with_standby();
+    let to_n1 = Forwarder::start(cluster.primary.port());
+    let voters = VoterSet::new(&["p1", "p2", "w1"]);
+    let mut witness = WitnessProcess::start(&cluster.nodes(), &voters, "w1");
+    let _proxy1 = start_proxy(
+        &[("n1", to_n1.port()), ("n2", cluster.standby.port())],
+        &voters,
+        "p1",
+    );
+    let proxy2 = start_proxy(&cluster.nodes(), &voters, "p2");
+    let (p1, p2, w1) = (
+        Admin::of(&voters, "p1"),
+        Admin::of(&voters, "p2"),
+        Admin::of(&voters, "w1"),
+    );
+    for p in [p1, p2] {
+        p.wait_route(1, "n1", DEADLINE);
+    }
+    create_writes_table(&dsn(&proxy2)).await;
+
+    to_n1.cut();
+    wait_until("p1 loses an election for term 2", DEADLINE, || {
+        kind_is(&p1.events(), "election_lost")
+            .iter()
+            .any(|e| e["term"] == 2 && detail(e).contains("still see n1"))
+    });
+    to_n1.heal();
+    for p in [p1, p2] {
+        p.wait_route(1, "n1", DEADLINE);
+    }
+    assert_eq!(one_write(&dsn(&proxy2), "p2").await.unwrap(), "n1");
+    let records: Vec<String> = [p1, p2, w1]
+        .iter()
+        .map(|v| format!("{}: {}", v.name, v.record()))
+        .collect();
+
+    witness.kill();
+    let killed = Instant::now();
+    // Watch for three lease durations (4 s each): writes through p2 must
+    // keep landing on n1.
+    let mut writes = 0;
+    while killed.elapsed() < Duration::from_secs(12) {
+        let attempt = Instant::now();
+        match one_write(&dsn(&proxy2), "p2").await {
+            Ok(node) => {
+                assert_eq!(node, "n1");
+                writes += 1;
+            }
+            Err(e) => panic!(
+                "writes stopped: a session opened {:?} after the witness died was held \
+                 {:?}, then refused: {e}\n\
+                 p2 status: {}\nvoter records before the witness died:\n{}",
+                killed.elapsed() - attempt.elapsed(),
+                attempt.elapsed(),
+                p2.status(),
+                records.join("\n")
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(in_recovery(&cluster.standby));
+    println!(
+        "lost election, then the witness died: {writes} writes through p2 on n1 over \
+         {:?}, term 1",
+        killed.elapsed()
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 4. A frozen proxy wakes up harmless.
+
+/// p1 is frozen (SIGSTOP) while p2 and the witness fail over to n2; the
+/// old primary comes back writable and p2 fences it; p1 wakes with its
+/// term-1 view and must not route anything to n1, must not touch n2, and
+/// must converge to term 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_frozen_during_a_failover_wakes_up_harmless() {
+    let mut cluster = PgCluster::primary_with_standby();
+    let voters = VoterSet::new(&["p1", "p2", "w1"]);
+    let _witness = WitnessProcess::start(&cluster.nodes(), &voters, "w1");
+    let proxy1 = start_proxy(&cluster.nodes(), &voters, "p1");
+    let _proxy2 = start_proxy(&cluster.nodes(), &voters, "p2");
+    let (p1, p2) = (Admin::of(&voters, "p1"), Admin::of(&voters, "p2"));
+    for p in [p1, p2] {
+        p.wait_route(1, "n1", DEADLINE);
+    }
+    wait_until("p1 holds a routing lease", DEADLINE, || {
+        p1.status()["lease_valid"] == true
+    });
+    create_writes_table(&dsn(&proxy1)).await;
+    assert_eq!(one_write(&dsn(&proxy1), "p1").await.unwrap(), "n1");
+
+    let rows_before_kill = cluster
+        .primary
+        .psql_db(APP_DB, "SELECT count(*) FROM writes");
+    let frozen = Frozen::stop(proxy1.pid());
+    let killed = Instant::now();
+    cluster.primary.kill9();
+    p2.wait_route(2, "n2", DEADLINE);
+    let failed_over = killed.elapsed();
+
+    // The old primary returns as it was: writable, on the old timeline.
+    cluster.primary.start();
+    wait_until("p2 fences the returned old primary", DEADLINE, || {
+        cluster
+            .primary
+            .try_psql("SHOW default_transaction_read_only")
+            .is_ok_and(|v| v == "on")
+    });
+    assert_eq!(cluster.primary.psql("SELECT pg_is_in_recovery()"), "f");
+
+    // Clients knock on the frozen proxy: their connections wait in its
+    // accept queue and are served with its stale view the moment it wakes.
+    let probes: Vec<_> = (0..4)
+        .map(|i| {
+            let dsn = dsn(&proxy1);
+            tokio::spawn(async move { route_probe(&dsn, i).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let woke = Instant::now();
+    frozen.resume();
+    p1.wait_route(2, "n2", DEADLINE);
+    let converged = woke.elapsed();
+    // Keep knocking for a while after convergence, too.
+    let after: Vec<_> = (0..3)
+        .map(|i| {
+            let dsn = dsn(&proxy1);
+            tokio::spawn(async move { route_probe(&dsn, 10 + i).await })
+        })
+        .collect();
+    let mut seen: Vec<(usize, String)> = Vec::new();
+    for probe in probes.into_iter().chain(after) {
+        seen.extend(probe.await.unwrap());
+    }
+    let on_n1: Vec<_> = seen.iter().filter(|(_, n)| n != "n2").collect();
+    assert!(
+        on_n1.is_empty(),
+        "p1 routed sessions to {on_n1:?} after waking"
+    );
+    assert!(!seen.is_empty(), "no session through p1 was routed at all");
+
+    // n2 was not fenced by the stale proxy, n1 stays fenced.
+    assert_eq!(
+        cluster.standby.psql("SHOW default_transaction_read_only"),
+        "off"
+    );
+    assert_eq!(cluster.standby.psql("SELECT pg_is_in_recovery()"), "f");
+    for _ in 0..3 {
+        assert_eq!(one_write(&dsn(&proxy1), "p1").await.unwrap(), "n2");
+    }
+    let p1_events = p1.events();
+    let stale_acts: Vec<_> = p1_events
+        .iter()
+        .filter(|e| {
+            (e["kind"] == "fence" && e["node"] == "n2")
+                || e["kind"] == "promote"
+                || e["kind"] == "promote_failed"
+        })
+        .collect();
+    assert!(
+        stale_acts.is_empty(),
+        "p1 acted on its old view: {stale_acts:?}"
+    );
+    let learned = kind_is(&p1_events, "term_learned");
+    assert!(
+        learned.iter().any(|e| e["term"] == 2),
+        "p1 learnt term 2: {p1_events:?}"
+    );
+    let logs = [("p1", p1_events.clone()), ("p2", p2.events())];
+    let promotions = by_term(&logs, "promote");
+    assert_eq!(promotions.len(), 1, "{promotions:?}");
+    let rows_on_n1 = cluster
+        .primary
+        .psql_db(APP_DB, "SELECT count(*) FROM writes");
+    assert_eq!(
+        rows_on_n1, rows_before_kill,
+        "no write reached the old primary after the failover"
+    );
+    println!(
+        "frozen proxy: p2 failed over {failed_over:?} after kill -9; p1 woke and routed to n2 \
+         in term 2 after {converged:?}; {} sessions through p1 after waking, all on n2",
+        seen.len()
+    );
+}
+
+/// A process stopped with SIGSTOP, resumed with SIGCONT (also on drop, so
+/// its own Drop can kill it).
+struct Frozen {
+    pid: u32,
+    resumed: bool,
+}
+
+impl Frozen {
+    fn stop(pid: u32) -> Self {
+        signal(pid, "STOP");
+        Self {
+            pid,
+            resumed: false,
+        }
+    }
+
+    fn resume(mut self) {
+        signal(self.pid, "CONT");
+        self.resumed = true;
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        if !self.resumed {
+            signal(self.pid, "CONT");
+        }
+    }
+}
+
+/// Opens sessions through a proxy until `DEADLINE`-bounded attempts stop
+/// being refused, and reports where each routed session landed (three
+/// sessions, each asked for its node).
+async fn route_probe(dsn: &str, id: usize) -> Vec<(usize, String)> {
+    let mut seen = Vec::new();
+    let start = Instant::now();
+    while seen.len() < 3 && start.elapsed() < DEADLINE {
+        match try_connect(dsn).await {
+            Ok(client) => {
+                if let Ok(row) = client
+                    .query_one("SELECT current_setting('cluster_name')", &[])
+                    .await
+                {
+                    seen.push((id, row.get::<_, String>(0)));
+                }
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    seen
+}
