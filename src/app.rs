@@ -21,7 +21,7 @@ use crate::failover::{Coordinator, LeaseKeeper};
 use crate::logging::LogControl;
 use crate::metrics::Metrics;
 use crate::monitor;
-use crate::proxy::{Proxy, SessionLimits};
+use crate::proxy::{Proxy, SessionLimits, Sessions};
 use crate::topology::TopologyStore;
 
 /// Bound on one call to another voter.
@@ -160,6 +160,7 @@ pub async fn run_proxy(config: ProxyConfig, reload: Reload) -> anyhow::Result<()
         &member.peers.me().record().member_kinds,
         config.member.lease_duration,
     ));
+    let sessions = Arc::new(Sessions::default());
     let coordinator = Coordinator::new(
         Arc::clone(&config.monitor),
         config.failover.clone(),
@@ -167,6 +168,7 @@ pub async fn run_proxy(config: ProxyConfig, reload: Reload) -> anyhow::Result<()
         Arc::clone(&member.peers),
         Arc::clone(&member.events),
         Arc::clone(&lease),
+        Arc::clone(&sessions),
     );
     member.background.spawn(Arc::clone(&lease).run(
         Arc::clone(&member.peers),
@@ -184,6 +186,7 @@ pub async fn run_proxy(config: ProxyConfig, reload: Reload) -> anyhow::Result<()
         peers: Arc::clone(&member.peers),
         token: config.member.token.clone(),
         control: Some(Arc::clone(&coordinator.control)),
+        coordinator: Some(Arc::clone(&coordinator)),
         lease: Some(lease),
     };
     member.serve_admin(&config.member, admin_state).await?;
@@ -193,6 +196,7 @@ pub async fn run_proxy(config: ProxyConfig, reload: Reload) -> anyhow::Result<()
         config,
         Arc::clone(&member.topology),
         Arc::clone(&member.metrics),
+        sessions,
     );
     info!(listen = %proxy.config.listen, nodes = proxy.config.nodes.len(), "pgfailover proxy started");
     let accepting = CancellationToken::new();
@@ -240,6 +244,7 @@ pub async fn run_witness(config: WitnessConfig) -> anyhow::Result<()> {
         peers: Arc::clone(&member.peers),
         token: config.member.token.clone(),
         control: None,
+        coordinator: None,
         lease: None,
     };
     member.serve_admin(&config.member, admin_state).await?;

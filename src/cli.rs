@@ -32,6 +32,9 @@ enum Command {
     Status(crate::ops::StatusArgs),
     /// List the cluster's event history (failovers, votes, fences).
     Events(crate::ops::EventsArgs),
+    /// Planned switchover to a standby, without lost writes or refused
+    /// connections (needs PGFAILOVER_CLUSTER_TOKEN and node agents).
+    Switchover(crate::ops::SwitchoverArgs),
     /// Pause automatic failover on a proxy (needs PGFAILOVER_CLUSTER_TOKEN).
     Pause(crate::ops::AdminTarget),
     /// Resume automatic failover on a proxy (needs PGFAILOVER_CLUSTER_TOKEN).
@@ -87,6 +90,7 @@ pub fn main() -> ExitCode {
         }
         Command::Status(args) => crate::ops::status(args),
         Command::Events(args) => crate::ops::events(args),
+        Command::Switchover(args) => crate::ops::switchover(args),
         Command::Pause(target) => crate::ops::set_paused(target, true),
         Command::Resume(target) => crate::ops::set_paused(target, false),
     }

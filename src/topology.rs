@@ -69,6 +69,8 @@ pub struct Topology {
     /// Why writes are not routed to the primary right now (lease lost,
     /// failover in progress, refusing to guess), if they are not.
     pub blocked: Option<String>,
+    /// New sessions wait (a switchover is draining) while open ones go on.
+    pub holding: bool,
     /// With more than one proxy, writes are routed only until the routing
     /// lease runs out; checked at routing time, not only when renewed.
     pub lease_until: Option<Instant>,
@@ -79,7 +81,10 @@ impl Topology {
     /// The node new read-write sessions go to: the primary of the current
     /// term, while it answers as a primary and nothing blocks writes.
     pub fn writable(&self) -> Option<&Arc<NodeSpec>> {
-        if self.blocked.is_some() || self.lease_until.is_some_and(|t| Instant::now() >= t) {
+        if self.blocked.is_some()
+            || self.holding
+            || self.lease_until.is_some_and(|t| Instant::now() >= t)
+        {
             return None;
         }
         let node = self.nodes.get(self.primary?)?;
@@ -138,6 +143,7 @@ impl TopologyStore {
             term: 0,
             primary: None,
             blocked: None,
+            holding: false,
             lease_until: None,
             nodes: nodes
                 .iter()
@@ -231,6 +237,7 @@ fn same_routing(a: &Topology, b: &Topology) -> bool {
     a.term == b.term
         && a.primary == b.primary
         && a.blocked == b.blocked
+        && a.holding == b.holding
         && a.nodes
             .iter()
             .zip(&b.nodes)

@@ -24,7 +24,7 @@ use crate::consensus::messages::{
     LeaseRequest, MemberKind, PublishRequest, StateResponse, VoteRequest,
 };
 use crate::events::EventLog;
-use crate::failover::{FailoverControl, LeaseKeeper};
+use crate::failover::{Coordinator, FailoverControl, LeaseKeeper, SwitchoverRequest};
 use crate::metrics::Metrics;
 use crate::topology::TopologyStore;
 
@@ -40,6 +40,7 @@ pub struct AdminState {
     pub token: Option<Secret>,
     /// Present on proxies, which run failovers.
     pub control: Option<Arc<FailoverControl>>,
+    pub coordinator: Option<Arc<Coordinator>>,
     pub lease: Option<Arc<LeaseKeeper>>,
 }
 
@@ -49,6 +50,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
     // Checked before any body is read, so a caller without the token
     // learns nothing but 401.
     let protected = Router::new()
+        .route("/switchover", post(switchover))
         .route("/pause", post(pause))
         .route("/resume", post(resume))
         .route("/v1/vote", post(vote))
@@ -174,6 +176,20 @@ fn set_paused(state: &AdminState, paused: bool) -> Response {
         format!("automatic failover {kind} by an operator"),
     );
     Json(serde_json::json!({ "failover_paused": paused })).into_response()
+}
+
+async fn switchover(State(state): Shared, Json(request): Json<SwitchoverRequest>) -> Response {
+    let Some(coordinator) = &state.coordinator else {
+        return (StatusCode::NOT_FOUND, "only a proxy runs switchovers\n").into_response();
+    };
+    match coordinator.switchover(&request).await {
+        Ok(report) => Json(report).into_response(),
+        Err(reason) => (
+            StatusCode::CONFLICT,
+            format!("switchover refused: {reason}\n"),
+        )
+            .into_response(),
+    }
 }
 
 async fn voter_state(State(state): Shared) -> Json<StateResponse> {

@@ -123,6 +123,8 @@ pub struct FailoverConfig {
     pub max_lag: u64,
     pub synchronous: bool,
     pub synchronous_strict: bool,
+    /// How long a switchover lets open transactions finish.
+    pub drain_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -194,11 +196,16 @@ impl ProxyConfig {
             max_lag: o.max_lag_on_failover.unwrap_or(1 << 20),
             synchronous: o.synchronous.unwrap_or(false),
             synchronous_strict: o.synchronous_strict.unwrap_or(false),
+            drain_timeout: duration("--drain-timeout", o.drain_timeout.clone(), "10s")?,
         };
         if failover.synchronous_strict && !failover.synchronous {
             return Err(invalid("--synchronous-strict needs --synchronous"));
         }
-        let tls = client_tls(o.tls_cert.as_deref(), o.tls_key.as_deref(), o.tls_mode.as_deref())?;
+        let tls = client_tls(
+            o.tls_cert.as_deref(),
+            o.tls_key.as_deref(),
+            o.tls_mode.as_deref(),
+        )?;
         Ok(Self {
             tls,
             listen: parse_addr("--listen", o.listen.as_deref().unwrap_or("0.0.0.0:6432"))?,
@@ -235,9 +242,15 @@ impl WitnessConfig {
     }
 }
 
-fn client_tls(cert: Option<&Path>, key: Option<&Path>, mode: Option<&str>) -> Result<ClientTls, ConfigError> {
+fn client_tls(
+    cert: Option<&Path>,
+    key: Option<&Path>,
+    mode: Option<&str>,
+) -> Result<ClientTls, ConfigError> {
     let acceptor = match (cert, key) {
-        (Some(cert), Some(key)) => Some(crate::proxy::load_tls_acceptor(cert, key).map_err(invalid)?),
+        (Some(cert), Some(key)) => {
+            Some(crate::proxy::load_tls_acceptor(cert, key).map_err(invalid)?)
+        }
         (None, None) => None,
         _ => return Err(invalid("--tls-cert and --tls-key go together")),
     };
@@ -246,10 +259,14 @@ fn client_tls(cert: Option<&Path>, key: Option<&Path>, mode: Option<&str>) -> Re
         (None, None) | (Some("disable"), _) => TlsMode::Disable,
         (Some("require"), Some(_)) => TlsMode::Require,
         (Some("allow" | "require"), None) => {
-            return Err(invalid("--tls-mode allow/require needs --tls-cert and --tls-key"));
+            return Err(invalid(
+                "--tls-mode allow/require needs --tls-cert and --tls-key",
+            ));
         }
         (Some(other), _) => {
-            return Err(invalid(format!("--tls-mode {other:?}: expected disable, allow or require")));
+            return Err(invalid(format!(
+                "--tls-mode {other:?}: expected disable, allow or require"
+            )));
         }
     };
     Ok(ClientTls { mode, acceptor })

@@ -143,6 +143,9 @@ pub struct ProxyOptions {
     /// certificate, else disable].
     #[arg(long, env = "PGFAILOVER_TLS_MODE")]
     pub tls_mode: Option<String>,
+    /// How long a switchover lets open transactions finish [default: 10s].
+    #[arg(long, env = "PGFAILOVER_DRAIN_TIMEOUT")]
+    pub drain_timeout: Option<String>,
 }
 
 impl ProxyOptions {
@@ -164,6 +167,7 @@ impl ProxyOptions {
             tls_cert: self.tls_cert.or(file.tls_cert),
             tls_key: self.tls_key.or(file.tls_key),
             tls_mode: self.tls_mode.or(file.tls_mode),
+            drain_timeout: self.drain_timeout.or(file.drain_timeout),
         }
     }
 }

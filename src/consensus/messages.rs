@@ -80,3 +80,21 @@ pub struct StateResponse {
     pub kind: MemberKind,
     pub record: VoterRecord,
 }
+
+/// Asks a node agent to demote its node for a switchover: clean fast
+/// shutdown, then restart as a standby of `primary`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DemoteRequest {
+    pub term: u64,
+    /// Node name of the new primary.
+    pub primary: String,
+    pub host: String,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DemoteResponse {
+    /// The WAL position of the node's shutdown checkpoint: the new
+    /// primary must have replayed it before promotion.
+    pub final_lsn: String,
+}

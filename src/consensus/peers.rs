@@ -96,6 +96,27 @@ impl Peers {
         self.ask_all::<(), _>(mine, "/v1/state", None).await
     }
 
+    /// A POST to one named member (e.g. a node agent), bounded by `limit`.
+    pub async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        member: &str,
+        path: &str,
+        body: &B,
+        limit: Duration,
+    ) -> Reply<T> {
+        let peer = self
+            .others
+            .iter()
+            .find(|v| v.name == member)
+            .ok_or_else(|| {
+                format!("no voter named {member} (is a node agent running beside it?)")
+            })?;
+        tokio::time::timeout(limit, self.call(peer, path, Some(body)))
+            .await
+            .map_err(|_| format!("{member}: no answer within {limit:?}"))?
+            .map_err(|e| format!("{member}: {e}"))
+    }
+
     /// Asks every other voter in parallel, each bounded by the timeout;
     /// this member's own answer comes first.
     async fn ask_all<B: Serialize, T: DeserializeOwned>(

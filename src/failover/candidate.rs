@@ -148,6 +148,7 @@ mod tests {
             max_lag: 1000,
             synchronous,
             synchronous_strict: false,
+            drain_timeout: std::time::Duration::from_secs(10),
         }
     }
 

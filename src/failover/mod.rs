@@ -9,6 +9,7 @@ mod election;
 mod lease;
 pub mod node_sql;
 mod procedure;
+mod switchover;
 
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -22,9 +23,11 @@ use tracing::warn;
 use crate::config::{FailoverConfig, FailoverMode, MonitorConfig};
 use crate::consensus::Peers;
 use crate::events::EventLog;
+use crate::proxy::Sessions;
 use crate::topology::{NodeHealth, Topology, TopologyStore};
 
 pub use lease::LeaseKeeper;
+pub use switchover::{SwitchoverReport, SwitchoverRequest};
 
 /// Operator switch for automatic failover (`pause` / `resume`).
 #[derive(Debug, Default)]
@@ -62,6 +65,14 @@ pub struct Coordinator {
     /// Why writes are blocked beyond what the record says (a failover in
     /// progress), set by the procedures.
     blocked: Mutex<Option<String>>,
+    /// Live sessions of this proxy (a switchover drains them).
+    pub sessions: Arc<Sessions>,
+    /// A switchover is running: the automatic steps stand aside.
+    switching: AtomicBool,
+    /// New sessions wait while a switchover drains.
+    holding: AtomicBool,
+    /// How long a switchover lets open transactions finish by default.
+    drain_timeout: Duration,
     /// Lowest term the next election may use (terms other candidates
     /// already hold votes in are skipped).
     min_next_term: AtomicU64,
@@ -75,8 +86,10 @@ impl Coordinator {
         peers: Arc<Peers>,
         events: Arc<EventLog>,
         lease: Arc<LeaseKeeper>,
+        sessions: Arc<Sessions>,
     ) -> Arc<Self> {
         let paused = failover.mode == FailoverMode::Manual;
+        let drain_timeout = failover.drain_timeout;
         Arc::new(Self {
             monitor,
             failover,
@@ -88,6 +101,10 @@ impl Coordinator {
             last_note: Mutex::new(String::new()),
             blocked: Mutex::new(None),
             min_next_term: AtomicU64::new(0),
+            drain_timeout,
+            sessions,
+            switching: AtomicBool::new(false),
+            holding: AtomicBool::new(false),
         })
     }
 
@@ -122,10 +139,12 @@ impl Coordinator {
         let primary = record.primary.as_deref().and_then(|p| topology.index_of(p));
         let blocked = self.blocked_reason(&topology, record.term);
         let lease_until = self.lease.route_deadline();
+        let holding = self.holding.load(Ordering::SeqCst);
         self.topology.update(|t| {
             t.term = record.term;
             t.primary = primary;
             t.blocked = blocked;
+            t.holding = holding;
             t.lease_until = lease_until;
         });
     }
@@ -162,6 +181,9 @@ impl Coordinator {
 
     /// One decision on the current view.
     async fn step(&self) -> Result<(), String> {
+        if self.switching.load(Ordering::SeqCst) {
+            return Ok(());
+        }
         let record = self.peers.me().record();
         let topology = self.topology.load();
         if record.term == 0 {

@@ -131,6 +131,32 @@ impl NodeSql<'_> {
         })?
     }
 
+    /// Waits until a standby has replayed up to `lsn`, up to `limit`.
+    pub async fn wait_replayed(&self, lsn: &str, limit: Duration) -> Result<(), String> {
+        let work = async {
+            let client = self.connect().await?;
+            loop {
+                let row = client
+                    .query_one(
+                        "SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn",
+                        &[&lsn],
+                    )
+                    .await
+                    .map_err(|e| describe(&e))?;
+                if row.get::<_, Option<bool>>(0).unwrap_or(false) {
+                    return Ok(());
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        timeout(limit, work).await.map_err(|_| {
+            format!(
+                "{} did not replay up to {lsn} within {limit:?}",
+                self.node.name
+            )
+        })?
+    }
+
     /// Points a standby at `primary`: same conninfo (user, password,
     /// application_name) with host and port replaced, slot named after
     /// the standby, then reload.
@@ -212,11 +238,11 @@ pub fn slot_name(node: &str) -> String {
     format!("pgfailover_{cleaned}")
 }
 
-fn quote_literal(value: &str) -> String {
+pub fn quote_literal(value: &str) -> String {
     format!("'{}'", value.replace('\'', "''"))
 }
 
-fn describe(e: &tokio_postgres::Error) -> String {
+pub fn describe(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("{}: {}", db.code().code(), db.message()),
         None => e.to_string(),

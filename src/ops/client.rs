@@ -10,7 +10,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
-const TIMEOUT: Duration = Duration::from_secs(10);
+/// Generous: a switchover answers only once it is over.
+const TIMEOUT: Duration = Duration::from_secs(180);
 
 pub struct AdminClient {
     base: String,
@@ -36,9 +37,24 @@ impl AdminClient {
     }
 
     pub async fn post(&self, path: &str, token: &str) -> Result<String, String> {
+        self.post_body(path, token, Bytes::new()).await
+    }
+
+    pub async fn post_json(
+        &self,
+        path: &str,
+        token: &str,
+        body: &impl serde::Serialize,
+    ) -> Result<String, String> {
+        let json = serde_json::to_vec(body).map_err(|e| e.to_string())?;
+        self.post_body(path, token, Bytes::from(json)).await
+    }
+
+    async fn post_body(&self, path: &str, token: &str, body: Bytes) -> Result<String, String> {
         let request = Request::post(format!("{}{path}", self.base))
             .header(AUTHORIZATION, format!("Bearer {token}"))
-            .body(Full::new(Bytes::new()))
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(body))
             .map_err(|e| e.to_string())?;
         self.send(request).await
     }

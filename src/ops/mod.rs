@@ -51,6 +51,46 @@ pub struct EventsArgs {
     pub follow: bool,
 }
 
+#[derive(Debug, Clone, Args)]
+pub struct SwitchoverArgs {
+    #[command(flatten)]
+    pub target: AdminTarget,
+    /// The standby to promote.
+    #[arg(long)]
+    pub to: String,
+    /// Say what would happen (target, lag, sessions, open transactions)
+    /// without doing it.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// How long open transactions may finish [default: the proxy's
+    /// --drain-timeout].
+    #[arg(long)]
+    pub drain_timeout: Option<humantime::Duration>,
+}
+
+/// `switchover`: a planned change of primary through the proxy.
+pub fn switchover(args: SwitchoverArgs) -> ExitCode {
+    run(async move {
+        let token = cluster_token()?;
+        let client = AdminClient::new(&args.target.admin)?;
+        let request = crate::failover::SwitchoverRequest {
+            to: args.to.clone(),
+            dry_run: args.dry_run,
+            drain_timeout_ms: args.drain_timeout.map(|d| d.as_millis() as u64),
+        };
+        let body = client.post_json("/switchover", &token, &request).await?;
+        let report: crate::failover::SwitchoverReport =
+            serde_json::from_str(&body).map_err(|e| format!("unexpected answer: {e}"))?;
+        println!("{}", table::switchover(&report));
+        Ok(())
+    })
+}
+
+fn cluster_token() -> Result<String, String> {
+    std::env::var(CLUSTER_TOKEN_ENV)
+        .map_err(|_| format!("{CLUSTER_TOKEN_ENV} must hold the cluster token"))
+}
+
 pub fn status(args: StatusArgs) -> ExitCode {
     run(async move {
         let client = AdminClient::new(&args.target.admin)?;
@@ -93,8 +133,7 @@ pub fn events(args: EventsArgs) -> ExitCode {
 /// `pause` (true) or `resume` (false) automatic failover on a proxy.
 pub fn set_paused(target: AdminTarget, paused: bool) -> ExitCode {
     run(async move {
-        let token = std::env::var(CLUSTER_TOKEN_ENV)
-            .map_err(|_| format!("{CLUSTER_TOKEN_ENV} must hold the cluster token"))?;
+        let token = cluster_token()?;
         let client = AdminClient::new(&target.admin)?;
         let path = if paused { "/pause" } else { "/resume" };
         client.post(path, &token).await?;

@@ -123,3 +123,33 @@ pub fn event_line(e: &Event) -> String {
         e.detail
     )
 }
+
+/// What a switchover did, or would do with `--dry-run`.
+pub fn switchover(r: &crate::failover::SwitchoverReport) -> String {
+    let lag = r
+        .lag_bytes
+        .map(|b| format!("{b} bytes"))
+        .unwrap_or_else(|| "unknown".into());
+    let mut out = format!(
+        "{} switchover from {} to {} (term {}): target lag {lag}; {} sessions on {}, {} inside a transaction",
+        if r.dry_run { "Would run" } else { "Ran" },
+        r.from,
+        r.to,
+        r.term,
+        r.sessions,
+        r.from,
+        r.open_transactions
+    );
+    if let Some(pause) = r.pause_ms {
+        let drained = if r.drained == Some(false) {
+            " (drain timeout reached)"
+        } else {
+            ""
+        };
+        out.push_str(&format!(
+            "\nClients paused {pause} ms{drained}; old primary's last WAL {}",
+            r.final_lsn.as_deref().unwrap_or("-")
+        ));
+    }
+    out
+}

@@ -58,6 +58,9 @@ pub fn split_frame(buf: &mut BytesMut, max_len: usize) -> Result<Option<Frame>, 
 /// stream is between two messages (where the proxy may inject its own).
 #[derive(Debug, Default)]
 pub struct BoundaryTracker {
+    /// Message types to count (e.g. ReadyForQuery), and how many passed.
+    counted_tags: &'static [u8],
+    counted: u64,
     header: [u8; MESSAGE_HEADER_LEN],
     header_len: usize,
     /// Body bytes of the current message not yet seen.
@@ -69,6 +72,19 @@ pub struct BoundaryTracker {
 }
 
 impl BoundaryTracker {
+    /// A tracker that also counts messages whose type is in `tags`.
+    pub fn counting(tags: &'static [u8]) -> Self {
+        Self {
+            counted_tags: tags,
+            ..Self::default()
+        }
+    }
+
+    /// Messages seen so far whose type is one of the counted tags.
+    pub fn counted(&self) -> u64 {
+        self.counted
+    }
+
     /// Feeds the next chunk of the stream. Fails on a length below 4,
     /// which no PostgreSQL server sends.
     pub fn feed(&mut self, mut chunk: &[u8]) -> Result<(), FrameError> {
@@ -102,6 +118,9 @@ impl BoundaryTracker {
         }
         self.header_len = 0;
         self.last_tag = Some(h[0]);
+        if self.counted_tags.contains(&h[0]) {
+            self.counted += 1;
+        }
         self.body_left = len as usize - 4;
         self.status_next = h[0] == b'Z' && self.body_left == 1;
         Ok(())

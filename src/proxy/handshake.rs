@@ -18,7 +18,10 @@ pub enum ClientRequest {
 /// packet; in `require` mode a plaintext startup is refused. Not cancel
 /// safe as a whole (it writes); the caller bounds it with the startup
 /// timeout.
-pub async fn negotiate(client: &mut ClientConn, tls: &ClientTls) -> Result<ClientRequest, SessionError> {
+pub async fn negotiate(
+    client: &mut ClientConn,
+    tls: &ClientTls,
+) -> Result<ClientRequest, SessionError> {
     let mut ssl_asked = false;
     let mut gss_asked = false;
     loop {

@@ -8,6 +8,7 @@ mod handshake;
 mod relay;
 mod route;
 mod session;
+mod sessions;
 mod tls;
 
 use std::sync::Arc;
@@ -23,8 +24,9 @@ use tracing::{error, warn};
 
 pub use cancel_map::CancelMap;
 pub use error::SessionError;
-pub use tls::load_acceptor as load_tls_acceptor;
 use session::Admission;
+pub use sessions::{NodeSessions, Sessions};
+pub use tls::load_acceptor as load_tls_acceptor;
 
 use crate::config::ProxyConfig;
 use crate::metrics::Metrics;
@@ -63,11 +65,14 @@ pub struct Proxy {
     pub topology: Arc<TopologyStore>,
     pub cancel_map: Arc<CancelMap>,
     pub metrics: Arc<Metrics>,
+    /// Live sessions, shared with the coordinator (switchover drains them).
+    pub sessions: Arc<Sessions>,
     limits: ArcSwap<SessionLimits>,
     /// Relay byte counters, looked up once instead of per chunk.
     bytes_to_server: IntCounter,
     bytes_to_client: IntCounter,
-    sessions: Arc<Semaphore>,
+    /// One permit per admitted client (`--max-client-connections`).
+    slots: Arc<Semaphore>,
     rejections: Arc<Semaphore>,
     next_session: AtomicU64,
 }
@@ -77,14 +82,16 @@ impl Proxy {
         config: ProxyConfig,
         topology: Arc<TopologyStore>,
         metrics: Arc<Metrics>,
+        sessions: Arc<Sessions>,
     ) -> Arc<Self> {
         let relayed = |direction: &str| metrics.relayed_bytes.with_label_values(&[direction]);
         Arc::new(Self {
             limits: ArcSwap::from_pointee(SessionLimits::of(&config)),
+            sessions,
             bytes_to_server: relayed("client_to_server"),
             bytes_to_client: relayed("server_to_client"),
             metrics: Arc::clone(&metrics),
-            sessions: Arc::new(Semaphore::new(config.max_client_connections)),
+            slots: Arc::new(Semaphore::new(config.max_client_connections)),
             rejections: Arc::new(Semaphore::new(MAX_PENDING_REJECTIONS)),
             config,
             topology,
@@ -105,7 +112,7 @@ impl Proxy {
 
     /// Client sessions currently admitted.
     pub fn open_sessions(&self) -> usize {
-        self.config.max_client_connections - self.sessions.available_permits()
+        self.config.max_client_connections - self.slots.available_permits()
     }
 
     fn relay_counters(&self) -> relay::ByteCounters<'_> {
@@ -141,7 +148,7 @@ impl Proxy {
             };
             let _ = stream.set_nodelay(true);
             self.metrics.sessions_total.inc();
-            let admission = match Arc::clone(&self.sessions).try_acquire_owned() {
+            let admission = match Arc::clone(&self.slots).try_acquire_owned() {
                 Ok(permit) => Admission::Admitted { _slot: permit },
                 Err(_) => match Arc::clone(&self.rejections).try_acquire_owned() {
                     Ok(permit) => {

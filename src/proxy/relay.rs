@@ -4,14 +4,13 @@
 //! proxy knows the transaction status, whether the client said goodbye,
 //! and when it may inject an ErrorResponse of its own.
 
-use std::sync::atomic::{AtomicU8, Ordering};
-
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use prometheus::IntCounter;
 
+use super::sessions::{REPLY_TAGS, REQUEST_TAGS, SessionStatus, Sessions};
 use super::tls::ClientStream;
 use crate::protocol::backend::BoundaryTracker;
 
@@ -37,30 +36,25 @@ pub enum RelayEnd {
     Evicted(String),
 }
 
-/// The last transaction status seen, readable from outside the session
-/// (switchover drains on it) without locks.
-#[derive(Debug, Default)]
-pub struct SessionStatus(AtomicU8);
-
-impl SessionStatus {
-    pub fn set(&self, status: u8) {
-        self.0.store(status, Ordering::Relaxed);
-    }
-
-    pub fn get(&self) -> u8 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
 /// Where the backend-to-client stream stands, kept outside the relay's
 /// futures so it can be read after they are dropped.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Downstream {
     tracker: BoundaryTracker,
     /// A write to the client was cut short: the client may hold half a
     /// message.
     writing: bool,
     broken: bool,
+}
+
+impl Default for Downstream {
+    fn default() -> Self {
+        Self {
+            tracker: BoundaryTracker::counting(REPLY_TAGS),
+            writing: false,
+            broken: false,
+        }
+    }
 }
 
 impl Downstream {
@@ -84,6 +78,8 @@ pub struct ByteCounters<'a> {
 /// What the relay updates as bytes pass.
 pub struct RelayState<'a> {
     pub status: &'a SessionStatus,
+    /// Closed by a switchover: idle sessions hold new requests.
+    pub gate: &'a Sessions,
     pub downstream: &'a mut Downstream,
     pub counters: ByteCounters<'a>,
 }
@@ -130,10 +126,17 @@ where
 {
     let RelayState {
         status,
+        gate,
         downstream,
         counters,
     } = state;
-    let upstream = client_to_backend(client.0, backend.1, client_pending, counters.to_server);
+    let upstream = client_to_backend(
+        client.0,
+        backend.1,
+        client_pending,
+        (status, gate),
+        counters.to_server,
+    );
     let down = backend_to_client(
         backend.0,
         client.1,
@@ -153,17 +156,24 @@ async fn client_to_backend(
     client: &mut (impl AsyncRead + Unpin),
     backend: &mut (impl AsyncWrite + Unpin),
     pending: BytesMut,
+    (status, gate): (&SessionStatus, &Sessions),
     counter: &IntCounter,
 ) -> RelayEnd {
-    let mut tracker = BoundaryTracker::default();
+    let mut tracker = BoundaryTracker::counting(REQUEST_TAGS);
     let mut buf = vec![0u8; RELAY_BUFFER];
     let mut next: &[u8] = &pending;
     let mut tracking = true;
     loop {
         if !next.is_empty() {
+            // A switchover is draining: a session between transactions
+            // starts nothing new until it is over (or is closed by it).
+            if gate.is_paused() && status.is_idle() {
+                gate.wait_resumed().await;
+            }
             // A malformed client message is the backend's to reject (it
             // answers 08P01 itself); the proxy just stops following.
             tracking = tracking && tracker.feed(next).is_ok();
+            status.set_requests(tracker.counted());
             counter.inc_by(next.len() as u64);
             if let Err(error) = backend.write_all(next).await {
                 return RelayEnd::BackendLost(Some(error));
@@ -204,6 +214,7 @@ async fn backend_to_client(
             if let Some(s) = state.tracker.last_status() {
                 status.set(s.as_byte());
             }
+            status.set_replies(state.tracker.counted());
             counter.inc_by(next.len() as u64);
             state.writing = true;
             // TLS buffers records until flushed; for plain TCP flush is free.

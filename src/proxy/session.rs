@@ -15,7 +15,7 @@ use super::cancel_map::send_cancel;
 use super::client::ClientConn;
 use super::error::SessionError;
 use super::handshake::{ClientRequest, negotiate};
-use super::relay::{Downstream, RelayEnd, RelayState, SessionStatus, relay};
+use super::relay::{Downstream, RelayEnd, RelayState, relay};
 use super::route::{connect_writable, route_gone};
 use crate::protocol::error_response::{ProxyError, sqlstate};
 use crate::protocol::startup::StartupMessage;
@@ -48,7 +48,7 @@ pub async fn serve(proxy: Arc<Proxy>, stream: TcpStream, peer: SocketAddr, admis
         let _open = OpenSession::new(&proxy, &admission);
         let mut client = ClientConn::new(stream);
         match prepare(&proxy, &mut client, &admission).await {
-            Ok(ready) => relay_session(&proxy, client, ready).await,
+            Ok(ready) => relay_session(&proxy, id, client, ready).await,
             Err(e) => refuse(&proxy, &mut client, e).await,
         }
     }
@@ -120,11 +120,12 @@ fn admit(
     Ok(())
 }
 
-async fn relay_session(proxy: &Proxy, client: ClientConn, ready: ReadyBackend) {
+async fn relay_session(proxy: &Proxy, session_id: u64, client: ClientConn, ready: ReadyBackend) {
     debug!("session ready");
     let (mut client, client_pending) = client.into_parts();
     let mut backend = ready.stream;
-    let status = SessionStatus::default();
+    let registration = proxy.sessions.register(session_id, &ready.node.name);
+    let status = &registration.status;
     status.set(ready.status.as_byte());
     let mut downstream = Downstream::default();
     let node = ready.node.name.as_str();
@@ -135,7 +136,8 @@ async fn relay_session(proxy: &Proxy, client: ClientConn, ready: ReadyBackend) {
         &mut backend,
         ready.pending,
         RelayState {
-            status: &status,
+            status,
+            gate: &proxy.sessions,
             downstream: &mut downstream,
             counters: proxy.relay_counters(),
         },

@@ -36,7 +36,8 @@ impl Pki {
             .expect("server certificate");
         std::fs::write(dir.path().join("ca.pem"), ca.pem()).expect("write CA");
         std::fs::write(dir.path().join("server.pem"), server.pem()).expect("write cert");
-        std::fs::write(dir.path().join("server.key"), server_key.serialize_pem()).expect("write key");
+        std::fs::write(dir.path().join("server.key"), server_key.serialize_pem())
+            .expect("write key");
         Self { dir }
     }
 
@@ -87,8 +88,15 @@ fn psql_connects_with_sslmode_require_and_verify_full() {
 
     // A SCRAM user whose client prefers channel binding still logs in:
     // the proxy does not offer SCRAM-SHA-256-PLUS across its TLS end.
-    let out = psql(&format!("{dsn} sslmode=require channel_binding=prefer"), &["-c", "SELECT 2"]);
-    assert!(out.status.success(), "channel_binding=prefer: {}", stderr(&out));
+    let out = psql(
+        &format!("{dsn} sslmode=require channel_binding=prefer"),
+        &["-c", "SELECT 2"],
+    );
+    assert!(
+        out.status.success(),
+        "channel_binding=prefer: {}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -100,7 +108,10 @@ fn tls_mode_require_refuses_plaintext_clients() {
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(err.contains("SSL connection is required"), "{err}");
-    let (code, _) = wire::error_for(proxied.proxy.port(), &wire::startup(SCRAM_USER.name, APP_DB));
+    let (code, _) = wire::error_for(
+        proxied.proxy.port(),
+        &wire::startup(SCRAM_USER.name, APP_DB),
+    );
     assert_eq!(code, "28000");
     let out = psql(&format!("{dsn} sslmode=require"), &["-c", "SELECT 1"]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -115,8 +126,15 @@ fn plaintext_pipelined_after_ssl_request_is_refused_before_the_handshake() {
     let mut stream = wire::connect(proxied.proxy.port());
     std::io::Write::write_all(&mut stream, &bytes).expect("send");
     let reply = read_to_close(&mut stream);
-    assert_ne!(reply.first(), Some(&b'S'), "no TLS for a poisoned SSLRequest");
+    assert_ne!(
+        reply.first(),
+        Some(&b'S'),
+        "no TLS for a poisoned SSLRequest"
+    );
     let (code, message) = wire::first_error(&reply).expect("an ErrorResponse");
     assert_eq!(code, "08P01");
-    assert!(message.contains("unencrypted data after SSL request"), "{message}");
+    assert!(
+        message.contains("unencrypted data after SSL request"),
+        "{message}"
+    );
 }

@@ -1,0 +1,162 @@
+//! Live sessions as other tasks see them: which node each is on, whether
+//! it is between transactions, and the gate a switchover closes so that
+//! idle sessions start no new transaction while it drains.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Notify;
+
+use crate::protocol::TransactionStatus;
+
+/// Frontend messages that each get one ReadyForQuery back: Query, Sync,
+/// FunctionCall.
+pub const REQUEST_TAGS: &[u8] = b"QSF";
+/// Backend ReadyForQuery.
+pub const REPLY_TAGS: &[u8] = b"Z";
+
+/// A session's transaction state, written by its relay, read lock-free.
+#[derive(Debug, Default)]
+pub struct SessionStatus {
+    status: AtomicU8,
+    requests: AtomicU64,
+    replies: AtomicU64,
+}
+
+impl SessionStatus {
+    pub fn set(&self, status: u8) {
+        self.status.store(status, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u8 {
+        self.status.load(Ordering::Relaxed)
+    }
+
+    pub fn set_requests(&self, n: u64) {
+        self.requests.store(n, Ordering::Relaxed);
+    }
+
+    pub fn set_replies(&self, n: u64) {
+        self.replies.store(n, Ordering::Relaxed);
+    }
+
+    /// Between transactions with nothing in flight.
+    pub fn is_idle(&self) -> bool {
+        self.get() == TransactionStatus::Idle.as_byte()
+            && self.requests.load(Ordering::Relaxed) <= self.replies.load(Ordering::Relaxed)
+    }
+}
+
+struct Entry {
+    node: String,
+    status: Arc<SessionStatus>,
+}
+
+/// Every relayed session of one proxy.
+#[derive(Default)]
+pub struct Sessions {
+    entries: Mutex<HashMap<u64, Entry>>,
+    paused: AtomicBool,
+    resumed: Notify,
+}
+
+/// A session's place in the registry; removed when dropped.
+pub struct Registration {
+    sessions: Arc<Sessions>,
+    id: u64,
+    pub status: Arc<SessionStatus>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.sessions.lock().remove(&self.id);
+    }
+}
+
+/// Sessions on one node: how many, and how many are inside a transaction
+/// or have a request in flight.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NodeSessions {
+    pub total: usize,
+    pub busy: usize,
+}
+
+impl Sessions {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Entry>> {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn register(self: &Arc<Self>, id: u64, node: &str) -> Registration {
+        let status = Arc::new(SessionStatus::default());
+        self.lock().insert(
+            id,
+            Entry {
+                node: node.into(),
+                status: Arc::clone(&status),
+            },
+        );
+        Registration {
+            sessions: Arc::clone(self),
+            id,
+            status,
+        }
+    }
+
+    pub fn on_node(&self, node: &str) -> NodeSessions {
+        let entries = self.lock();
+        let mut counts = NodeSessions::default();
+        for entry in entries.values().filter(|e| e.node == node) {
+            counts.total += 1;
+            if !entry.status.is_idle() {
+                counts.busy += 1;
+            }
+        }
+        counts
+    }
+
+    /// Idle sessions stop forwarding new requests until `resume`.
+    pub fn pause(&self) {
+        self.paused.store(true, Ordering::SeqCst);
+    }
+
+    pub fn resume(&self) {
+        self.paused.store(false, Ordering::SeqCst);
+        self.resumed.notify_waiters();
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::Relaxed)
+    }
+
+    /// Returns once the gate is open. Cancel safe.
+    pub async fn wait_resumed(&self) {
+        loop {
+            let notified = self.resumed.notified();
+            if !self.paused.load(Ordering::SeqCst) {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_busy_sessions_per_node() {
+        let sessions = Arc::new(Sessions::default());
+        let a = sessions.register(1, "n1");
+        let b = sessions.register(2, "n1");
+        let _c = sessions.register(3, "n2");
+        a.status.set(b'I');
+        b.status.set(b'T');
+        assert_eq!(sessions.on_node("n1"), NodeSessions { total: 2, busy: 1 });
+        a.status.set_requests(1);
+        assert_eq!(sessions.on_node("n1").busy, 2, "a query in flight is busy");
+        drop(b);
+        assert_eq!(sessions.on_node("n1").total, 1);
+    }
+}
