@@ -13,7 +13,7 @@ use tracing::{info, warn};
 
 use crate::admin::{self, AdminState};
 use crate::config::{
-    EnvSecrets, MemberConfig, MonitorConfig, ProxyConfig, ProxyOptions, WitnessConfig,
+    EnvSecrets, MemberConfig, MonitorConfig, NodeConfig, ProxyConfig, ProxyOptions, WitnessConfig,
 };
 use crate::consensus::{MemberKind, Peers, StateFile, Voter};
 use crate::events::EventLog;
@@ -82,13 +82,23 @@ impl Member {
     }
 
     async fn serve_admin(&self, member: &MemberConfig, state: AdminState) -> anyhow::Result<()> {
+        self.serve_admin_app(member, admin::router(Arc::new(state)))
+            .await
+    }
+
+    /// Serves `app`: the admin API, possibly behind a member's own routes.
+    async fn serve_admin_app(
+        &self,
+        member: &MemberConfig,
+        app: axum::Router,
+    ) -> anyhow::Result<()> {
         let Some(addr) = member.admin_listen else {
             return Ok(());
         };
         let listener = admin::bind(addr).await?;
         info!(admin = %addr, "admin API listening");
         self.background
-            .spawn(admin::serve(listener, Arc::new(state), self.stop.clone()));
+            .spawn(admin::serve_app(listener, app, self.stop.clone()));
         Ok(())
     }
 }
@@ -255,4 +265,57 @@ pub async fn run_witness(config: WitnessConfig) -> anyhow::Result<()> {
     }
     member.stop.cancel();
     Ok(())
+}
+
+/// Runs a node agent: a voter that also runs one PostgreSQL server
+/// (bootstrap, supervision, rejoin, demote). SIGTERM and SIGINT both stop
+/// the server with a fast clean shutdown before the agent exits.
+pub async fn run_node(config: NodeConfig) -> anyhow::Result<()> {
+    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let member = Member::start(MemberKind::Node, &config.monitor, &config.member)?;
+    let config = Arc::new(config);
+    let (agent, handle) = crate::node::agent(
+        Arc::clone(&config),
+        Arc::clone(&member.peers),
+        Arc::clone(&member.topology),
+        Arc::clone(&member.events),
+    )
+    .map_err(anyhow::Error::msg)?;
+    let admin_state = Arc::new(AdminState {
+        metrics: Arc::clone(&member.metrics),
+        kind: MemberKind::Node,
+        topology: Arc::clone(&member.topology),
+        events: Arc::clone(&member.events),
+        peers: Arc::clone(&member.peers),
+        token: config.member.token.clone(),
+        control: None,
+        coordinator: None,
+        lease: None,
+    });
+    member
+        .serve_admin_app(&config.member, crate::node::routes(handle, admin_state))
+        .await?;
+    let stop = CancellationToken::new();
+    let mut supervisor = tokio::spawn(agent.run(stop.clone()));
+    info!(name = %config.member.name, data = %config.data_dir.display(), voters = config.member.voters.len(), "pgfailover node agent started");
+    tokio::select! {
+        _ = sigint.recv() => info!("SIGINT: stopping postgres"),
+        _ = sigterm.recv() => info!("SIGTERM: stopping postgres"),
+        ended = &mut supervisor => {
+            member.stop.cancel();
+            return match ended {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(anyhow::anyhow!(e)),
+                Err(e) => Err(anyhow::anyhow!("the supervisor failed: {e}")),
+            };
+        }
+    }
+    stop.cancel();
+    let stopped = supervisor.await;
+    member.stop.cancel();
+    match stopped {
+        Ok(result) => result.map_err(anyhow::Error::msg),
+        Err(e) => Err(anyhow::anyhow!("the supervisor failed: {e}")),
+    }
 }

@@ -4,7 +4,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{EnvSecrets, ProxyConfig, ProxyOptions, WitnessConfig, WitnessOptions};
+use crate::config::{
+    EnvSecrets, NodeConfig, NodeEnv, NodeOptions, ProxyConfig, ProxyOptions, WitnessConfig,
+    WitnessOptions,
+};
 use crate::{app, logging};
 
 #[derive(Debug, Parser)]
@@ -28,6 +31,10 @@ enum Command {
     Proxy(Box<ProxyOptions>),
     /// Run a witness: a voter with its own view of the nodes and no data.
     Witness(Box<WitnessOptions>),
+    /// Run the agent beside one PostgreSQL server: bootstraps it as
+    /// primary or standby, supervises it, rejoins it after a failover
+    /// (pg_rewind), demotes it for a switchover; also a voter.
+    Node(Box<NodeOptions>),
     /// Show the cluster like `repmgr cluster show`: nodes, term, voters.
     Status(crate::ops::StatusArgs),
     /// List the cluster's event history (failovers, votes, fences).
@@ -40,7 +47,7 @@ enum Command {
     /// Resume automatic failover on a proxy (needs PGFAILOVER_CLUSTER_TOKEN).
     Resume(crate::ops::AdminTarget),
     /// Validate a member's flags, environment and config file, then exit:
-    /// `check-config [proxy|witness] FLAGS` (proxy when omitted).
+    /// `check-config [proxy|witness|node] FLAGS` (proxy when omitted).
     #[command(args_conflicts_with_subcommands = true)]
     CheckConfig(Box<CheckConfigArgs>),
 }
@@ -57,6 +64,7 @@ struct CheckConfigArgs {
 enum CheckTarget {
     Proxy(Box<ProxyOptions>),
     Witness(Box<WitnessOptions>),
+    Node(Box<NodeOptions>),
 }
 
 /// Entry point of the binary.
@@ -81,6 +89,14 @@ pub fn main() -> ExitCode {
             Ok(config) => {
                 logging::init(json, &config.member.log_level);
                 run(app::run_witness(config))
+            }
+            Err(e) => invalid(e),
+        },
+        Command::Node(options) => match NodeConfig::resolve(*options, env, NodeEnv::from_process())
+        {
+            Ok(config) => {
+                logging::init(json, &config.member.log_level);
+                run(app::run_node(config))
             }
             Err(e) => invalid(e),
         },
@@ -119,6 +135,19 @@ fn check_config(args: Box<CheckConfigArgs>, env: EnvSecrets) -> ExitCode {
                 c.member.voters.len()
             )
         }),
+        CheckTarget::Node(options) => NodeConfig::resolve(*options, env, NodeEnv::from_process())
+            .map(|c| {
+                format!(
+                    "node {}, data {}, postgres on {}:{}, {:?} when new, nodes {}, voters {}",
+                    c.member.name,
+                    c.data_dir.display(),
+                    c.listen_addresses,
+                    c.port,
+                    c.role,
+                    node_list(&c.monitor.nodes),
+                    c.member.voters.len()
+                )
+            }),
     };
     match summary {
         Ok(summary) => {

@@ -7,6 +7,7 @@
 //! - `consensus`: votes, routing leases and terms between members;
 //! - `failover`: the proxy's coordinator (promote, fence, re-point);
 //! - `admin`: the HTTP API (health, status, events, voter calls);
+//! - `node`: the agent beside one PostgreSQL server (bootstrap, rejoin);
 //! - `events`: the decision history; `metrics`: Prometheus metrics;
 //! - `ops`: operator commands (status, events, pause, resume);
 //! - `config`, `cli`, `app`: flags, subcommands and wiring.
@@ -21,6 +22,7 @@ pub mod failover;
 pub mod logging;
 pub mod metrics;
 pub mod monitor;
+pub mod node;
 pub mod ops;
 pub mod protocol;
 pub mod proxy;

@@ -72,7 +72,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .with_state(state)
 }
 
-async fn require_token(State(state): Shared, request: Request, next: Next) -> Response {
+pub(crate) async fn require_token(State(state): Shared, request: Request, next: Next) -> Response {
     match authorize(&state, request.headers()) {
         Ok(()) => next.run(request).await,
         Err(denied) => *denied,
@@ -81,7 +81,12 @@ async fn require_token(State(state): Shared, request: Request, next: Next) -> Re
 
 /// Serves the API on `listener` until `shutdown` fires.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, shutdown: CancellationToken) {
-    let app = router(state);
+    serve_app(listener, router(state), shutdown).await
+}
+
+/// Serves `app` (the API, possibly behind a member's own routes) until
+/// `shutdown` fires.
+pub async fn serve_app(listener: TcpListener, app: Router, shutdown: CancellationToken) {
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await;

@@ -1,0 +1,350 @@
+//! The supervisor: one task owns the postmaster and does everything that
+//! starts or stops it (bootstrap, restarts, rejoin, demote), so no two of
+//! those ever race. Admin calls reach it through a channel.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{Instant, sleep_until};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::local::LocalSql;
+use super::postmaster::Postmaster;
+use super::server::{DataState, Server};
+use super::term::{self, TermView};
+use crate::consensus::Peers;
+use crate::events::EventLog;
+use crate::topology::{NodeHealth, TopologyStore};
+
+/// How long a starting server may take to accept connections (crash
+/// recovery, or a standby replaying up to consistency).
+pub(super) const READY_TIMEOUT: Duration = Duration::from_secs(600);
+/// Pause before the first retry of a failed start; doubles up to the max.
+const MIN_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// A call from the admin API.
+pub enum Request {
+    Demote {
+        primary: String,
+        reply: oneshot::Sender<Result<Demoted, String>>,
+    },
+}
+
+/// The answer to a demote: where the old primary's WAL ends.
+#[derive(Debug, Clone, Serialize)]
+pub struct Demoted {
+    pub node: String,
+    pub primary: String,
+    /// "Latest checkpoint location" of the clean shutdown: the new
+    /// primary must have replayed this far before it is promoted.
+    pub checkpoint_lsn: String,
+    pub redo_lsn: String,
+    pub timeline: u32,
+    pub took_ms: u64,
+}
+
+pub struct Agent {
+    pub(super) server: Server,
+    pub(super) local: LocalSql,
+    pub(super) peers: Arc<Peers>,
+    pub(super) topology: Arc<TopologyStore>,
+    pub(super) events: Arc<EventLog>,
+    postmaster: Option<Postmaster>,
+    requests: mpsc::Receiver<Request>,
+    /// The last failure noted, so a standing one is recorded once.
+    last_note: String,
+}
+
+impl Agent {
+    pub(super) fn new(
+        server: Server,
+        peers: Arc<Peers>,
+        topology: Arc<TopologyStore>,
+        events: Arc<EventLog>,
+        requests: mpsc::Receiver<Request>,
+    ) -> Self {
+        let local = LocalSql::new(server.socket_dir.clone(), server.config.port);
+        Self {
+            server,
+            local,
+            peers,
+            topology,
+            events,
+            postmaster: None,
+            requests,
+            last_note: String::new(),
+        }
+    }
+
+    pub(super) fn name(&self) -> &str {
+        self.server.name()
+    }
+
+    /// Supervises the server until `stop`, then shuts it down cleanly.
+    pub async fn run(mut self, stop: CancellationToken) -> Result<(), String> {
+        self.server
+            .prepare_dirs()
+            .map_err(|e| format!("cannot prepare {}: {e}", self.server.data().display()))?;
+        self.stop_leftover().await?;
+        let interval = self.server.config.monitor.interval;
+        let mut backoff = MIN_BACKOFF;
+        let mut next = Instant::now();
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                status = exited(&mut self.postmaster) => {
+                    self.postmaster = None;
+                    let term = self.peers.me().record().term;
+                    self.events.record(term, "postgres_exited", Some(self.name()), format!(
+                        "postgres exited unexpectedly ({}); restarting it in {backoff:?}",
+                        status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string())
+                    ));
+                    next = Instant::now() + backoff;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+                Some(request) = self.requests.recv() => self.handle(request).await,
+                _ = sleep_until(next) => {
+                    let step = async {
+                        if self.postmaster.is_some() {
+                            self.watch().await;
+                            return true;
+                        }
+                        match self.bring_up().await {
+                            Ok(postmaster) => {
+                                self.postmaster = Some(postmaster);
+                                self.last_note.clear();
+                                true
+                            }
+                            Err(e) => {
+                                self.note("start_failed", e);
+                                false
+                            }
+                        }
+                    };
+                    let healthy = tokio::select! {
+                        _ = stop.cancelled() => break,
+                        healthy = step => healthy,
+                    };
+                    let pause = if healthy { interval } else { backoff };
+                    if healthy && self.postmaster.is_some() {
+                        backoff = MIN_BACKOFF;
+                    } else if !healthy {
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                    }
+                    next = Instant::now() + pause;
+                }
+            }
+        }
+        self.shutdown().await
+    }
+
+    /// A postmaster left running by an earlier run of the agent (killed
+    /// without its server) is stopped: the agent decides afresh how this
+    /// data directory starts, since it may be a stale primary by now.
+    async fn stop_leftover(&self) -> Result<(), String> {
+        let Some(pid) = self.server.postmaster_pid() else {
+            return Ok(());
+        };
+        info!(
+            pid,
+            "stopping a postmaster left by an earlier run of the agent"
+        );
+        self.server.stop_fast().await
+    }
+
+    /// Fast clean shutdown of whatever runs on the data directory.
+    async fn shutdown(&mut self) -> Result<(), String> {
+        let result = match self.postmaster.take() {
+            Some(postmaster) => postmaster.stop(&self.server).await,
+            None if self.server.postmaster_pid().is_some() => self.server.stop_fast().await,
+            None => Ok(()),
+        };
+        match &result {
+            Ok(()) => info!("postgres stopped (fast shutdown)"),
+            Err(e) => warn!(error = %e, "postgres did not stop cleanly"),
+        }
+        result
+    }
+
+    pub(super) async fn learn_term(&self) -> TermView {
+        term::learn(&self.peers, &self.events, &self.topology).await
+    }
+
+    /// Starts the server the way the cluster needs it: bootstrap an empty
+    /// data directory; rejoin as a standby when the term names another
+    /// primary; else start it as it is.
+    async fn bring_up(&mut self) -> Result<Postmaster, String> {
+        let view = self.learn_term().await;
+        let state = self
+            .server
+            .data_state()
+            .map_err(|e| format!("cannot read {}: {e}", self.server.data().display()))?;
+        if state != DataState::Cluster {
+            return self.bootstrap(&view, state).await;
+        }
+        if let Some(primary) = view.other_primary(self.name()) {
+            let primary = self.node_spec(primary)?;
+            let why = format!("term {} names {} as primary", view.term, primary.name);
+            return self.rejoin(&primary, view.term, &why).await;
+        }
+        let standby = self.server.standby_signal();
+        if !standby && !view.has_majority() {
+            return Err(format!(
+                "only {} of {} voters answered: this node starts as a primary only once a majority confirms no other node is",
+                view.answered, view.voters
+            ));
+        }
+        self.start(if standby { "standby" } else { "primary" }, view.term)
+            .await
+    }
+
+    /// Starts the server and waits until it accepts connections.
+    pub(super) async fn start(&mut self, role: &str, term: u64) -> Result<Postmaster, String> {
+        let started = Instant::now();
+        let mut postmaster = Postmaster::spawn(&self.server)?;
+        if let Err(e) = postmaster.wait_ready(&self.local, READY_TIMEOUT).await {
+            // Not left running unsupervised (it may just be slow).
+            let _ = postmaster.stop(&self.server).await;
+            return Err(e);
+        }
+        self.events.record_timed(
+            term,
+            "postgres_started",
+            Some(self.name()),
+            format!("{} started as {role}", self.name()),
+            started.elapsed(),
+        );
+        Ok(postmaster)
+    }
+
+    /// A node of the configured list, by name.
+    pub(super) fn node_spec(&self, name: &str) -> Result<Arc<crate::config::NodeSpec>, String> {
+        let topology = self.topology.load();
+        topology
+            .index_of(name)
+            .map(|i| Arc::clone(&topology.nodes[i].spec))
+            .ok_or_else(|| format!("{name} is not in this agent's --node list"))
+    }
+
+    /// The health this agent's monitor last saw for `name`.
+    pub(super) fn health_of(&self, name: &str) -> NodeHealth {
+        let topology = self.topology.load();
+        topology
+            .index_of(name)
+            .map(|i| topology.nodes[i].health.clone())
+            .unwrap_or(NodeHealth::Unknown)
+    }
+
+    /// While running: a node that is writable although the term names
+    /// another primary, which is up and writable, is a stale primary
+    /// found alive after a failover. It is stopped and rejoins. (While a
+    /// promotion is under way the term still names the old primary, which
+    /// is then down or already demoted: no action.)
+    async fn watch(&mut self) {
+        let view = self.learn_term().await;
+        let Some(primary) = view.other_primary(self.name()).map(str::to_owned) else {
+            return;
+        };
+        if self.local.in_recovery().await != Ok(false)
+            || self.health_of(&primary) != NodeHealth::Primary
+        {
+            return;
+        }
+        let Ok(spec) = self.node_spec(&primary) else {
+            return;
+        };
+        let why = format!(
+            "{} was writable while term {} names {primary}, which is up as a primary",
+            self.name(),
+            view.term
+        );
+        self.events
+            .record(view.term, "stale_primary", Some(self.name()), why.clone());
+        if let Some(postmaster) = self.postmaster.take()
+            && let Err(e) = postmaster.stop(&self.server).await
+        {
+            return self.note("stop_failed", e);
+        }
+        match self.rejoin(&spec, view.term, &why).await {
+            Ok(postmaster) => self.postmaster = Some(postmaster),
+            Err(e) => self.note("rejoin_failed", e),
+        }
+    }
+
+    async fn handle(&mut self, request: Request) {
+        match request {
+            Request::Demote { primary, reply } => {
+                let result = self.demote(&primary).await;
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    /// Planned demotion for a switchover: fast clean shutdown, then a
+    /// standby of `primary` without rewind (its final checkpoint is the
+    /// last WAL record, which the new primary replays before promotion).
+    async fn demote(&mut self, primary: &str) -> Result<Demoted, String> {
+        let started = Instant::now();
+        if primary == self.name() {
+            return Err(format!("{primary} is this node"));
+        }
+        let spec = self.node_spec(primary)?;
+        if self.postmaster.is_none() {
+            return Err("postgres is not running here".into());
+        }
+        if self.local.in_recovery().await? {
+            return Err(format!("{} is already a standby", self.name()));
+        }
+        if let Some(postmaster) = self.postmaster.take() {
+            postmaster.stop(&self.server).await?;
+        }
+        let control = self.server.controldata().await?;
+        let slot = self.ensure_slot(&spec).await;
+        self.server
+            .configure_standby(&spec, slot.as_deref())
+            .map_err(|e| format!("cannot configure the standby: {e}"))?;
+        let term = self.peers.me().record().term;
+        self.postmaster = Some(self.start("standby", term).await?);
+        let demoted = Demoted {
+            node: self.name().to_owned(),
+            primary: primary.to_owned(),
+            checkpoint_lsn: control.checkpoint_lsn,
+            redo_lsn: control.redo_lsn,
+            timeline: control.timeline,
+            took_ms: started.elapsed().as_millis() as u64,
+        };
+        self.events.record_timed(
+            term,
+            "demote",
+            Some(self.name()),
+            format!(
+                "{} demoted after a clean shutdown at {} (timeline {}); now a standby of {primary}",
+                demoted.node, demoted.checkpoint_lsn, demoted.timeline
+            ),
+            started.elapsed(),
+        );
+        Ok(demoted)
+    }
+
+    /// Records a failure once while it stands (and logs every one).
+    pub(super) fn note(&mut self, kind: &str, detail: String) {
+        warn!(event = kind, "{detail}");
+        if self.last_note != detail {
+            let term = self.peers.me().record().term;
+            self.events.record(term, kind, Some(self.name()), &detail);
+            self.last_note = detail;
+        }
+    }
+}
+
+/// Resolves when the supervised postmaster exits; never without one.
+async fn exited(postmaster: &mut Option<Postmaster>) -> std::io::Result<std::process::ExitStatus> {
+    match postmaster {
+        Some(p) => p.exited().await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,83 @@
+//! The supervised postmaster: the agent's own child process, run as
+//! postgres, with this node's settings on its command line (they win over
+//! the files, which are shared by every node and copied between them).
+
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use tokio::process::Child;
+use tokio::time::{Instant, sleep, timeout};
+
+use super::local::LocalSql;
+use super::server::Server;
+
+/// Bound on reaping the postmaster once pg_ctl says it stopped.
+const REAP_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct Postmaster {
+    child: Child,
+}
+
+impl Postmaster {
+    /// Starts `postgres -D DATA` with listen_addresses, port, cluster_name
+    /// and the private socket directory. Its output goes to the agent's
+    /// (so `docker logs` shows both). It gets its own process group: a
+    /// Ctrl-C in the agent's terminal must not reach it, the agent stops
+    /// it with a fast shutdown.
+    pub fn spawn(server: &Server) -> Result<Self, String> {
+        let c = &server.config;
+        let settings = [
+            format!("listen_addresses={}", c.listen_addresses),
+            format!("port={}", c.port),
+            format!("cluster_name={}", c.member.name),
+            format!("unix_socket_directories={}", server.socket_dir.display()),
+        ];
+        let mut cmd = server.program("postgres");
+        cmd.arg("-D").arg(server.data());
+        for setting in &settings {
+            cmd.arg("-c").arg(setting);
+        }
+        let child = cmd
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::inherit())
+            .process_group(0)
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(|e| format!("cannot start postgres: {e}"))?;
+        Ok(Self { child })
+    }
+
+    /// Waits until the server accepts connections (a standby: once it is
+    /// consistent), up to `limit`; fails at once if it exits.
+    pub async fn wait_ready(&mut self, local: &LocalSql, limit: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(format!("postgres exited while starting ({status})"));
+            }
+            if local.ready().await {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "postgres did not accept connections within {limit:?}"
+                ));
+            }
+            sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Resolves when the postmaster exits. Cancel safe.
+    pub async fn exited(&mut self) -> std::io::Result<ExitStatus> {
+        self.child.wait().await
+    }
+
+    /// Clean stop: `pg_ctl stop -m fast` (final checkpoint), then reap.
+    pub async fn stop(mut self, server: &Server) -> Result<(), String> {
+        let stopped = server.stop_fast().await;
+        if stopped.is_ok() {
+            let _ = timeout(REAP_TIMEOUT, self.child.wait()).await;
+        }
+        stopped
+    }
+}

@@ -1,0 +1,176 @@
+//! Rejoining the cluster as a standby of the term's primary: after a
+//! failover (the agent restarts beside an old primary), or when a stale
+//! primary is found alive. This data directory is never started writable
+//! while another node is the primary: it is rewound (or cloned again)
+//! and started with standby.signal.
+
+use std::sync::Arc;
+
+use tokio::time::Instant;
+
+use super::agent::Agent;
+use super::os;
+use super::pgconf;
+use super::postmaster::Postmaster;
+use crate::config::NodeSpec;
+use crate::failover::node_sql::{NodeSql, slot_name};
+use crate::topology::NodeHealth;
+
+impl Agent {
+    /// This node's physical slot on its upstream.
+    pub(super) fn slot(&self) -> String {
+        slot_name(self.name())
+    }
+
+    /// Creates `slot` on `primary` as the monitor user, unless it exists.
+    pub(super) async fn create_slot(&self, primary: &NodeSpec, slot: &str) -> Result<(), String> {
+        NodeSql {
+            node: primary,
+            monitor: &self.server.config.monitor,
+        }
+        .ensure_slot(slot)
+        .await
+    }
+
+    /// This node's slot on `primary`, or none (noted) when it cannot be
+    /// created: streaming without a slot beats not streaming.
+    pub(super) async fn ensure_slot(&mut self, primary: &NodeSpec) -> Option<String> {
+        let slot = self.slot();
+        match self.create_slot(primary, &slot).await {
+            Ok(()) => Some(slot),
+            Err(e) => {
+                self.note(
+                    "slot_failed",
+                    format!("no slot {slot} on {}: {e}", primary.name),
+                );
+                None
+            }
+        }
+    }
+
+    /// Makes the stopped server a standby of `primary` and starts it.
+    ///
+    /// A former primary, and a cleanly stopped standby, go through
+    /// pg_rewind first: it rewinds what diverged from the primary's
+    /// timeline, and does nothing when nothing did. pg_rewind needs a
+    /// cleanly shut down target; since PostgreSQL 13 it gets one by
+    /// itself, running crash recovery in single-user mode (`postgres
+    /// --single`, which opens no port, so the old primary takes no
+    /// write). That cannot run with standby.signal present, and a former
+    /// primary has none. A crashed standby skips the rewind instead: it
+    /// replays its own WAL when it starts as a standby, which is safe, and
+    /// a single-user crash recovery would write an end-of-recovery
+    /// checkpoint on the primary's own timeline that the primary lacks.
+    /// When pg_rewind fails the data directory is wiped and cloned again.
+    pub(super) async fn rejoin(
+        &mut self,
+        primary: &Arc<NodeSpec>,
+        term: u64,
+        why: &str,
+    ) -> Result<Postmaster, String> {
+        let started = Instant::now();
+        let control = self.server.controldata().await?;
+        let was_standby = self.server.standby_signal();
+        let health = self.health_of(&primary.name);
+        if health != NodeHealth::Primary {
+            if !was_standby {
+                return Err(format!(
+                    "{} must rejoin as a standby of {}, which is not up as a primary ({health}): this former primary stays stopped until it can rewind from it",
+                    self.name(),
+                    primary.name
+                ));
+            }
+            // Safe as it is: it follows the primary once that returns.
+            self.configure_standby(primary, None)?;
+            return self.start("standby", term).await;
+        }
+        let slot = self.ensure_slot(primary).await;
+        let how = if was_standby && !control.clean() {
+            "crash recovery as a standby".to_owned()
+        } else {
+            match self.rewind(primary).await {
+                Ok(how) => how,
+                Err(reason) => {
+                    self.reclone(primary, term, &reason).await?;
+                    "a new clone (pg_rewind failed)".to_owned()
+                }
+            }
+        };
+        self.configure_standby(primary, slot.as_deref())?;
+        let postmaster = self.start("standby", term).await?;
+        self.events.record_timed(
+            term,
+            "rejoin",
+            Some(self.name()),
+            format!(
+                "{} rejoined as a standby of {} after {how}: {why}",
+                self.name(),
+                primary.name
+            ),
+            started.elapsed(),
+        );
+        Ok(postmaster)
+    }
+
+    fn configure_standby(&self, primary: &NodeSpec, slot: Option<&str>) -> Result<(), String> {
+        self.server
+            .configure_standby(primary, slot)
+            .map_err(|e| format!("cannot configure the standby: {e}"))
+    }
+
+    /// pg_rewind from `primary`, connecting as the monitor user (a
+    /// superuser). Returns what it did.
+    async fn rewind(&self, primary: &NodeSpec) -> Result<String, String> {
+        let monitor = &self.server.config.monitor;
+        let source = pgconf::conninfo(&[
+            ("host", &primary.host),
+            ("port", &primary.port.to_string()),
+            ("user", &monitor.user),
+            ("dbname", &monitor.dbname),
+            ("application_name", "pgfailover-rewind"),
+        ]);
+        let mut cmd = self.server.program("pg_rewind");
+        cmd.arg("--target-pgdata")
+            .arg(self.server.data())
+            .arg("--source-server")
+            .arg(&source)
+            .env("LC_ALL", "C");
+        if let Some(password) = &monitor.password {
+            cmd.env("PGPASSWORD", password.expose());
+        }
+        let out = os::run(&mut cmd, "pg_rewind").await?;
+        if out.contains("no rewind required") {
+            return Ok("pg_rewind (nothing had diverged)".into());
+        }
+        let diverged = out.lines().find_map(|l| {
+            l.split_once("servers diverged at ")
+                .map(|(_, at)| at.trim())
+        });
+        Ok(match diverged {
+            Some(at) => format!("pg_rewind (diverged at {at})"),
+            None => "pg_rewind".into(),
+        })
+    }
+
+    /// Wipes the data directory and clones `primary` again, recording why.
+    async fn reclone(&mut self, primary: &NodeSpec, term: u64, reason: &str) -> Result<(), String> {
+        let started = Instant::now();
+        self.mark_bootstrap(true)?;
+        self.server
+            .wipe()
+            .map_err(|e| format!("cannot wipe the data directory: {e}"))?;
+        self.clone_from(primary).await?;
+        self.mark_bootstrap(false)?;
+        self.events.record_timed(
+            term,
+            "reclone",
+            Some(self.name()),
+            format!(
+                "{reason}; wiped the data directory and cloned it again from {}",
+                primary.name
+            ),
+            started.elapsed(),
+        );
+        Ok(())
+    }
+}
