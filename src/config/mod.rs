@@ -147,6 +147,19 @@ impl std::fmt::Debug for ClientTls {
     }
 }
 
+/// TLS toward the nodes, when enabled.
+#[derive(Clone)]
+pub struct BackendTls {
+    pub connector: tokio_rustls::TlsConnector,
+    pub verified: bool,
+}
+
+impl std::fmt::Debug for BackendTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BackendTls(verified: {})", self.verified)
+    }
+}
+
 /// Validated proxy configuration.
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
@@ -156,6 +169,7 @@ pub struct ProxyConfig {
     pub member: MemberConfig,
     pub failover: FailoverConfig,
     pub tls: ClientTls,
+    pub backend_tls: Option<BackendTls>,
     pub hold_timeout: Duration,
     pub startup_timeout: Duration,
     pub connect_timeout: Duration,
@@ -206,8 +220,10 @@ impl ProxyConfig {
             o.tls_key.as_deref(),
             o.tls_mode.as_deref(),
         )?;
+        let backend_tls = backend_tls(o.backend_tls.as_deref(), o.backend_tls_ca.as_deref())?;
         Ok(Self {
             tls,
+            backend_tls,
             listen: parse_addr("--listen", o.listen.as_deref().unwrap_or("0.0.0.0:6432"))?,
             nodes: monitor.nodes.clone(),
             monitor: Arc::new(monitor),
@@ -270,6 +286,28 @@ fn client_tls(
         }
     };
     Ok(ClientTls { mode, acceptor })
+}
+
+fn backend_tls(mode: Option<&str>, ca: Option<&Path>) -> Result<Option<BackendTls>, ConfigError> {
+    let connector = |ca| crate::proxy::backend_tls_connector(ca).map_err(invalid);
+    match (mode.unwrap_or("disable"), ca) {
+        ("disable", None) => Ok(None),
+        ("disable", Some(_)) => Err(invalid(
+            "--backend-tls-ca needs --backend-tls require or verify-full",
+        )),
+        ("require", ca) => Ok(Some(BackendTls {
+            connector: connector(ca)?,
+            verified: ca.is_some(),
+        })),
+        ("verify-full", Some(ca)) => Ok(Some(BackendTls {
+            connector: connector(Some(ca))?,
+            verified: true,
+        })),
+        ("verify-full", None) => Err(invalid("--backend-tls verify-full needs --backend-tls-ca")),
+        (other, _) => Err(invalid(format!(
+            "--backend-tls {other:?}: expected disable, require or verify-full"
+        ))),
+    }
 }
 
 fn monitor_config(o: MonitorOptions, env: &EnvSecrets) -> Result<MonitorConfig, ConfigError> {

@@ -143,6 +143,15 @@ pub struct ProxyOptions {
     /// certificate, else disable].
     #[arg(long, env = "PGFAILOVER_TLS_MODE")]
     pub tls_mode: Option<String>,
+    /// TLS toward the nodes: `disable`, `require` (encrypted, node not
+    /// verified unless --backend-tls-ca is given) or `verify-full`
+    /// (certificate checked against --backend-tls-ca and the node's host
+    /// name) [default: disable].
+    #[arg(long, env = "PGFAILOVER_BACKEND_TLS")]
+    pub backend_tls: Option<String>,
+    /// PEM CA certificates that sign the nodes' certificates.
+    #[arg(long, env = "PGFAILOVER_BACKEND_TLS_CA")]
+    pub backend_tls_ca: Option<PathBuf>,
     /// How long a switchover lets open transactions finish [default: 10s].
     #[arg(long, env = "PGFAILOVER_DRAIN_TIMEOUT")]
     pub drain_timeout: Option<String>,
@@ -168,6 +177,8 @@ impl ProxyOptions {
             tls_key: self.tls_key.or(file.tls_key),
             tls_mode: self.tls_mode.or(file.tls_mode),
             drain_timeout: self.drain_timeout.or(file.drain_timeout),
+            backend_tls: self.backend_tls.or(file.backend_tls),
+            backend_tls_ca: self.backend_tls_ca.or(file.backend_tls_ca),
         }
     }
 }

@@ -7,11 +7,11 @@ use std::sync::Arc;
 
 use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use super::cancel_map::{CancelMap, CancelRegistration, CancelTarget};
 use super::client::ClientConn;
 use super::error::SessionError;
+use super::tls::PgStream;
 use crate::config::NodeSpec;
 use crate::protocol::TransactionStatus;
 use crate::protocol::backend::{Frame, split_frame};
@@ -33,7 +33,7 @@ const AUTH_SASL_CONTINUE: u32 = 11;
 pub struct BackendConn {
     pub node: Arc<NodeSpec>,
     term: u64,
-    stream: TcpStream,
+    stream: PgStream,
     buf: BytesMut,
 }
 
@@ -42,7 +42,7 @@ pub struct ReadyBackend {
     pub node: Arc<NodeSpec>,
     /// The term the session was routed under.
     pub term: u64,
-    pub stream: TcpStream,
+    pub stream: PgStream,
     /// Bytes the backend sent after the first ReadyForQuery.
     pub pending: BytesMut,
     pub status: TransactionStatus,
@@ -50,7 +50,7 @@ pub struct ReadyBackend {
 }
 
 impl BackendConn {
-    pub fn new(node: Arc<NodeSpec>, term: u64, stream: TcpStream) -> Self {
+    pub fn new(node: Arc<NodeSpec>, term: u64, stream: PgStream) -> Self {
         Self {
             node,
             term,
@@ -81,8 +81,9 @@ impl BackendConn {
             };
             match frame.tag {
                 b'R' => {
-                    if client.is_tls() && auth_code(&frame) == Some(AUTH_SASL) {
-                        // Channel binding cannot cross a TLS terminator.
+                    if auth_code(&frame) == Some(AUTH_SASL) {
+                        // Channel binding cannot cross the proxy: the
+                        // client's TLS (if any) ends here.
                         out.extend_from_slice(&without_channel_binding(frame.body()));
                     } else {
                         out.extend_from_slice(&frame.bytes);

@@ -7,7 +7,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
-use super::tls::ClientStream;
+use super::tls::PgStream;
 
 use super::error::{SessionError, client_read_error};
 use crate::protocol::MAX_STARTUP_PACKET;
@@ -20,14 +20,14 @@ use crate::protocol::startup::StartupError;
 const MAX_AUTH_MESSAGE: usize = 65_536 + 5;
 
 pub struct ClientConn {
-    stream: ClientStream,
+    stream: PgStream,
     buf: BytesMut,
 }
 
 impl ClientConn {
     pub fn new(stream: TcpStream) -> Self {
         Self {
-            stream: ClientStream::Plain(stream),
+            stream: PgStream::Plain(stream),
             buf: BytesMut::with_capacity(1024),
         }
     }
@@ -80,7 +80,7 @@ impl ClientConn {
     }
 
     /// The stream and any bytes read past the handshake, for the relay.
-    pub fn into_parts(self) -> (ClientStream, BytesMut) {
+    pub fn into_parts(self) -> (PgStream, BytesMut) {
         (self.stream, self.buf)
     }
 

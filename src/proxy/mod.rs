@@ -26,7 +26,7 @@ pub use cancel_map::CancelMap;
 pub use error::SessionError;
 use session::Admission;
 pub use sessions::{NodeSessions, Sessions};
-pub use tls::load_acceptor as load_tls_acceptor;
+pub use tls::{backend_connector as backend_tls_connector, load_acceptor as load_tls_acceptor};
 
 use crate::config::ProxyConfig;
 use crate::metrics::Metrics;

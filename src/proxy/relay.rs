@@ -6,12 +6,11 @@
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use prometheus::IntCounter;
 
 use super::sessions::{REPLY_TAGS, REQUEST_TAGS, SessionStatus, Sessions};
-use super::tls::ClientStream;
+use super::tls::PgStream;
 use crate::protocol::backend::BoundaryTracker;
 
 /// Per-direction buffer: large enough for COPY throughput, small enough
@@ -86,27 +85,39 @@ pub struct RelayState<'a> {
 
 /// Relays until either side ends or `evict` resolves. `*_pending` are
 /// bytes each side sent during the handshake that the other has not
-/// received yet. A plain TCP client is split without locks; a TLS one
-/// through tokio's split.
+/// received yet. Plain TCP on both sides is split without locks; with TLS
+/// on either side, through tokio's split.
 pub async fn relay(
-    client: &mut ClientStream,
+    client: &mut PgStream,
     client_pending: BytesMut,
-    backend: &mut TcpStream,
+    backend: &mut PgStream,
     backend_pending: BytesMut,
     state: RelayState<'_>,
     evict: impl Future<Output = String>,
 ) -> RelayEnd {
-    let (mut backend_read, mut backend_write) = backend.split();
-    let backend = (&mut backend_read, &mut backend_write);
     let pending = (client_pending, backend_pending);
-    match client {
-        ClientStream::Plain(tcp) => {
-            let (mut read, mut write) = tcp.split();
-            relay_halves((&mut read, &mut write), backend, pending, state, evict).await
+    match (client, backend) {
+        (PgStream::Plain(c), PgStream::Plain(b)) => {
+            let ((mut cr, mut cw), (mut br, mut bw)) = (c.split(), b.split());
+            relay_halves(
+                (&mut cr, &mut cw),
+                (&mut br, &mut bw),
+                pending,
+                state,
+                evict,
+            )
+            .await
         }
-        tls => {
-            let (mut read, mut write) = tokio::io::split(tls);
-            relay_halves((&mut read, &mut write), backend, pending, state, evict).await
+        (c, b) => {
+            let ((mut cr, mut cw), (mut br, mut bw)) = (tokio::io::split(c), tokio::io::split(b));
+            relay_halves(
+                (&mut cr, &mut cw),
+                (&mut br, &mut bw),
+                pending,
+                state,
+                evict,
+            )
+            .await
         }
     }
 }

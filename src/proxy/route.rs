@@ -9,7 +9,8 @@ use tokio::time::{Instant, sleep_until, timeout, timeout_at};
 use tracing::{debug, info, warn};
 
 use super::error::SessionError;
-use crate::config::NodeSpec;
+use super::tls::{PgStream, connect_backend};
+use crate::config::{BackendTls, NodeSpec};
 use crate::metrics::Metrics;
 use crate::topology::TopologyStore;
 use prometheus::IntGauge;
@@ -22,7 +23,7 @@ const RECONNECT_PAUSE: Duration = Duration::from_millis(200);
 pub struct Route {
     pub node: Arc<NodeSpec>,
     pub term: u64,
-    pub stream: TcpStream,
+    pub stream: PgStream,
 }
 
 /// Connects to the current writable node, waiting (woken by topology
@@ -31,6 +32,7 @@ pub struct Route {
 pub async fn connect_writable(
     topology: &TopologyStore,
     metrics: &Metrics,
+    backend_tls: Option<&BackendTls>,
     connect_timeout: Duration,
     deadline: Instant,
 ) -> Result<Route, SessionError> {
@@ -43,7 +45,7 @@ pub async fn connect_writable(
         let mut retry_at = None;
         if let Some(node) = snapshot.writable() {
             let started = Instant::now();
-            match connect(node, connect_timeout).await {
+            match connect(node, backend_tls, connect_timeout).await {
                 Ok(stream) => {
                     metrics
                         .backend_connect_seconds
@@ -107,13 +109,27 @@ impl Drop for HeldGauge<'_> {
     }
 }
 
-async fn connect(node: &NodeSpec, connect_timeout: Duration) -> Result<TcpStream, String> {
-    let stream = timeout(connect_timeout, TcpStream::connect(node.address()))
+/// TCP connect (and TLS, with --backend-tls), bounded by the timeout.
+async fn connect(
+    node: &NodeSpec,
+    backend_tls: Option<&BackendTls>,
+    connect_timeout: Duration,
+) -> Result<PgStream, String> {
+    let work = async {
+        let stream = TcpStream::connect(node.address())
+            .await
+            .map_err(|e| e.to_string())?;
+        stream.set_nodelay(true).map_err(|e| e.to_string())?;
+        match backend_tls {
+            None => Ok(PgStream::Plain(stream)),
+            Some(tls) => connect_backend(stream, &node.host, &tls.connector)
+                .await
+                .map_err(|e| format!("TLS with {}: {e}", node.name)),
+        }
+    };
+    timeout(connect_timeout, work)
         .await
         .map_err(|_| format!("connect timed out after {connect_timeout:?}"))?
-        .map_err(|e| e.to_string())?;
-    stream.set_nodelay(true).map_err(|e| e.to_string())?;
-    Ok(stream)
 }
 
 /// Resolves when sessions routed to `node` under `term` must end (a new

@@ -86,6 +86,7 @@ async fn prepare(
     let route = connect_writable(
         &proxy.topology,
         &proxy.metrics,
+        proxy.config.backend_tls.as_ref(),
         limits.connect_timeout,
         deadline,
     )

@@ -12,8 +12,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio_rustls::TlsAcceptor;
-use tokio_rustls::server::TlsStream;
+use tokio_rustls::{TlsAcceptor, client, server};
 
 /// Builds the acceptor from PEM files; the error names the file at fault.
 pub fn load_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
@@ -39,11 +38,13 @@ pub fn load_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-/// The client's connection, before or after a TLS handshake.
-pub enum ClientStream {
+/// A connection to a client or a node: plain TCP, or TLS that the proxy
+/// terminates (toward clients) or originates (toward nodes).
+pub enum PgStream {
     Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
-    /// Only while the TLS handshake owns the socket; if the handshake
+    Server(Box<server::TlsStream<TcpStream>>),
+    Client(Box<client::TlsStream<TcpStream>>),
+    /// Only while a TLS handshake owns the socket; if the handshake
     /// fails the connection stays here and all I/O fails.
     Gone,
 }
@@ -52,9 +53,9 @@ fn gone() -> io::Error {
     io::Error::new(io::ErrorKind::NotConnected, "TLS handshake failed")
 }
 
-impl ClientStream {
+impl PgStream {
     pub fn is_tls(&self) -> bool {
-        matches!(self, Self::Tls(_))
+        matches!(self, Self::Server(_) | Self::Client(_))
     }
 
     /// Runs the server side of a TLS handshake on a plain stream.
@@ -63,12 +64,12 @@ impl ClientStream {
             return Err(io::Error::other("TLS requested twice"));
         };
         let tls = acceptor.accept(tcp).await?;
-        *self = Self::Tls(Box::new(tls));
+        *self = Self::Server(Box::new(tls));
         Ok(())
     }
 }
 
-impl AsyncRead for ClientStream {
+impl AsyncRead for PgStream {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -76,13 +77,14 @@ impl AsyncRead for ClientStream {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Self::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Self::Server(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Self::Client(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             Self::Gone => Poll::Ready(Err(gone())),
         }
     }
 }
 
-impl AsyncWrite for ClientStream {
+impl AsyncWrite for PgStream {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -90,7 +92,8 @@ impl AsyncWrite for ClientStream {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Self::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Self::Server(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Self::Client(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             Self::Gone => Poll::Ready(Err(gone())),
         }
     }
@@ -98,7 +101,8 @@ impl AsyncWrite for ClientStream {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Self::Plain(s) => Pin::new(s).poll_flush(cx),
-            Self::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Self::Server(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Self::Client(s) => Pin::new(s.as_mut()).poll_flush(cx),
             Self::Gone => Poll::Ready(Err(gone())),
         }
     }
@@ -106,8 +110,112 @@ impl AsyncWrite for ClientStream {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Self::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Self::Server(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Self::Client(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             Self::Gone => Poll::Ready(Err(gone())),
         }
+    }
+}
+
+/// Opens TLS toward a node the way libpq does: SSLRequest, then the
+/// handshake if the server answers `S`.
+pub async fn connect_backend(
+    mut tcp: TcpStream,
+    host: &str,
+    connector: &tokio_rustls::TlsConnector,
+) -> io::Result<PgStream> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut request = 8u32.to_be_bytes().to_vec();
+    request.extend_from_slice(&crate::protocol::SSL_REQUEST_CODE.to_be_bytes());
+    tcp.write_all(&request).await?;
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await?;
+    if answer[0] != b'S' {
+        return Err(io::Error::other(
+            "the node does not accept TLS (answered N to SSLRequest)",
+        ));
+    }
+    let name = rustls_pki_types::ServerName::try_from(host.to_owned())
+        .map_err(|e| io::Error::other(format!("{host}: {e}")))?;
+    let tls = connector.connect(name, tcp).await?;
+    Ok(PgStream::Client(Box::new(tls)))
+}
+
+/// A connector for `--backend-tls`: with a CA file, certificates are
+/// verified against it and the node's host name (verify-full); without,
+/// traffic is encrypted but the node is not authenticated (require).
+pub fn backend_connector(ca: Option<&Path>) -> Result<tokio_rustls::TlsConnector, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
+    let config = match ca {
+        Some(path) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_file_iter(path)
+                .map_err(|e| format!("--backend-tls-ca {}: {e}", path.display()))?
+            {
+                let cert = cert.map_err(|e| format!("--backend-tls-ca {}: {e}", path.display()))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("--backend-tls-ca {}: {e}", path.display()))?;
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+        None => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(provider)))
+            .with_no_client_auth(),
+    };
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+/// `--backend-tls require` without a CA: encryption only, like libpq's
+/// sslmode=require. Signatures are still checked so the handshake is sound.
+#[derive(Debug)]
+struct AcceptAnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls_pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
     }
 }

@@ -138,3 +138,79 @@ fn plaintext_pipelined_after_ssl_request_is_refused_before_the_handshake() {
         "{message}"
     );
 }
+
+/// Turns on TLS in a running node with the test PKI's server certificate.
+fn enable_node_tls(node: &crate::harness::PgNode, pki: &Pki) {
+    for (from, to) in [("server.pem", "tls.crt"), ("server.key", "tls.key")] {
+        let dest = node.data_dir().join(to);
+        std::fs::copy(pki.path(from), &dest).expect("copy TLS file");
+        std::process::Command::new("chown")
+            .arg("postgres:postgres")
+            .arg(&dest)
+            .status()
+            .expect("chown");
+        std::fs::set_permissions(&dest, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .expect("chmod");
+    }
+    node.psql("ALTER SYSTEM SET ssl_cert_file = 'tls.crt'");
+    node.psql("ALTER SYSTEM SET ssl_key_file = 'tls.key'");
+    node.psql("ALTER SYSTEM SET ssl = on");
+    node.psql("SELECT pg_reload_conf()");
+    crate::harness::wait_until("the node serves TLS", crate::harness::DEADLINE, || {
+        node.try_psql("SHOW ssl").is_ok_and(|v| v == "on")
+    });
+}
+
+#[test]
+fn backend_tls_verify_full_encrypts_the_proxy_to_node_leg() {
+    let pki = Pki::new();
+    let cluster = crate::harness::PgCluster::primary_with_standby();
+    enable_node_tls(&cluster.primary, &pki);
+    enable_node_tls(&cluster.standby, &pki);
+    let ca = pki.path("ca.pem").display().to_string();
+    let mut args = pki.proxy_args();
+    args.extend(["--backend-tls", "verify-full", "--backend-tls-ca", &ca].map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let proxy = crate::harness::ProxyProcess::start(&cluster.nodes(), &args);
+    let dsn = proxy.dsn(SCRAM_USER.name, SCRAM_USER.password, APP_DB);
+    let sql = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
+    let out = psql(&format!("{dsn} sslmode=disable"), &["-c", sql]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out).trim(),
+        "t",
+        "the proxy's session to the node is encrypted"
+    );
+
+    // Client TLS ending at the proxy, node TLS starting at it. Channel
+    // binding cannot cross the proxy, so such a client disables it (with
+    // channel_binding=prefer the node would see a downgrade: see README).
+    let out = psql(
+        &format!("{dsn} sslmode=require channel_binding=disable"),
+        &["-c", sql],
+    );
+    assert!(
+        out.status.success(),
+        "client and node TLS: {}",
+        stderr(&out)
+    );
+
+    // A CA that did not sign the node's certificate: the proxy refuses it.
+    let other = Pki::new();
+    let wrong = other.path("ca.pem").display().to_string();
+    let proxy = crate::harness::ProxyProcess::start(
+        &cluster.nodes(),
+        &[
+            "--backend-tls",
+            "verify-full",
+            "--backend-tls-ca",
+            &wrong,
+            "--hold-timeout",
+            "2s",
+        ],
+    );
+    let dsn = proxy.dsn(SCRAM_USER.name, SCRAM_USER.password, APP_DB);
+    let out = psql(&dsn, &["-c", "SELECT 1"]);
+    assert!(!out.status.success(), "an unverified node must not be used");
+    assert!(proxy.log().contains("TLS with n1"), "{}", proxy.log());
+}
