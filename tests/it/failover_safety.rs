@@ -658,9 +658,14 @@ async fn two_proxies_one_partitioned_never_route_writes_to_two_nodes() {
         "p1",
     );
     let proxy2 = start_proxy(&cluster.nodes(), &voters, "p2");
-    let (p1, p2) = (Admin::of(&voters, "p1"), Admin::of(&voters, "p2"));
+    let (p1, p2, w1) = (
+        Admin::of(&voters, "p1"),
+        Admin::of(&voters, "p2"),
+        Admin::of(&voters, "w1"),
+    );
+    // Two proxies may split the first vote: the first term can be 2.
+    let t0 = wait_all_route(&[p1, p2], &[p1, p2, w1], "n1", 0);
     for p in [p1, p2] {
-        p.wait_route(1, "n1", DEADLINE);
         assert_eq!(p.status()["lease_needed"], true, "two proxies need leases");
     }
     create_writes_table(&dsn(&proxy2)).await;
@@ -679,9 +684,9 @@ async fn two_proxies_one_partitioned_never_route_writes_to_two_nodes() {
     let p2_before = writers.count("p2", "n1");
     observe_no_promotion(&cluster.standby, OBSERVE, || {
         let (s1, s2) = (p1.status(), p2.status());
-        assert_eq!(s1["term"], 1, "{s1}");
+        assert_eq!(s1["term"], t0, "{s1}");
         assert_eq!(s1["routing_to"], Value::Null, "{s1}");
-        assert_eq!(s2["term"], 1, "{s2}");
+        assert_eq!(s2["term"], t0, "{s2}");
         assert_eq!(s2["routing_to"], "n1", "p2 keeps its route: {s2}");
     });
     let p2_during = writers.count("p2", "n1") - p2_before;
@@ -690,8 +695,8 @@ async fn two_proxies_one_partitioned_never_route_writes_to_two_nodes() {
     // Phase 2: the primary dies. p2 and w1 see it down too.
     let killed = Instant::now();
     cluster.primary.kill9();
-    let w1 = Admin::of(&voters, "w1");
-    let term = wait_all_route(&[p1, p2], &[p1, p2, w1], "n2", 1);
+
+    let term = wait_all_route(&[p1, p2], &[p1, p2, w1], "n2", t0);
     let converged = killed.elapsed();
     writers.wait_writes("p1", "n2", 20).await;
     writers.wait_writes("p2", "n2", 20).await;
@@ -752,9 +757,7 @@ async fn two_proxies_fail_over_once_after_kill9_and_both_write_again() {
         Admin::of(&voters, "p2"),
         Admin::of(&voters, "w1"),
     );
-    for p in [p1, p2] {
-        p.wait_route(1, "n1", DEADLINE);
-    }
+    let t0 = wait_all_route(&[p1, p2], &[p1, p2, w1], "n1", 0);
     create_writes_table(&dsn(&proxy1)).await;
     let writers = Writers::start(&[("p1", dsn(&proxy1)), ("p2", dsn(&proxy2))]);
     writers.wait_writes("p1", "n1", 20).await;
@@ -762,7 +765,7 @@ async fn two_proxies_fail_over_once_after_kill9_and_both_write_again() {
 
     let killed = Instant::now();
     cluster.primary.kill9();
-    let term = wait_all_route(&[p1, p2], &[p1, p2, w1], "n2", 1);
+    let term = wait_all_route(&[p1, p2], &[p1, p2, w1], "n2", t0);
     let converged = killed.elapsed();
     writers.wait_writes("p1", "n2", 20).await;
     writers.wait_writes("p2", "n2", 20).await;
@@ -797,7 +800,7 @@ async fn two_proxies_fail_over_once_after_kill9_and_both_write_again() {
 /// Two proxies and a witness; the primary is cut off from p1 and the
 /// witness (a majority) while p2 still reaches it and keeps writing. The
 /// majority fails over; p2 must stop writing to n1 (its lease runs out)
-/// before n2 takes writes, then follow term 2.
+/// before n2 takes writes, then follow the new term.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_majority_partition_fails_over_only_after_the_minority_proxy_stops_writing() {
     let cluster = PgCluster::primary_with_standby();
@@ -807,10 +810,12 @@ async fn a_majority_partition_fails_over_only_after_the_minority_proxy_stops_wri
     let _witness = WitnessProcess::start(&cut_view, &voters, "w1");
     let proxy1 = start_proxy(&cut_view, &voters, "p1");
     let proxy2 = start_proxy(&cluster.nodes(), &voters, "p2");
-    let (p1, p2) = (Admin::of(&voters, "p1"), Admin::of(&voters, "p2"));
-    for p in [p1, p2] {
-        p.wait_route(1, "n1", DEADLINE);
-    }
+    let (p1, p2, w1) = (
+        Admin::of(&voters, "p1"),
+        Admin::of(&voters, "p2"),
+        Admin::of(&voters, "w1"),
+    );
+    let t0 = wait_all_route(&[p1, p2], &[p1, p2, w1], "n1", 0);
     create_writes_table(&dsn(&proxy2)).await;
     let writers = Writers::start(&[("p1", dsn(&proxy1)), ("p2", dsn(&proxy2))]);
     writers.wait_writes("p1", "n1", 20).await;
@@ -818,8 +823,8 @@ async fn a_majority_partition_fails_over_only_after_the_minority_proxy_stops_wri
 
     let cut = Instant::now();
     to_n1.cut();
-    let w1 = Admin::of(&voters, "w1");
-    let term = wait_all_route(&[p1, p2], &[p1, p2, w1], "n2", 1);
+
+    let term = wait_all_route(&[p1, p2], &[p1, p2, w1], "n2", t0);
     let converged = cut.elapsed();
     // p2 still reaches n1, writable on the old timeline: it fences it.
     wait_until("n1 is fenced read-only", DEADLINE, || {
@@ -867,9 +872,9 @@ async fn a_majority_partition_fails_over_only_after_the_minority_proxy_stops_wri
 }
 
 /// A lost election must leave nothing behind. p1 is cut off from the
-/// primary for a while and loses elections for term 2 (p2 and the witness
-/// still see n1); the partition heals and both proxies write to n1 in
-/// term 1 again. Then the witness dies: one voter of three is gone, which
+/// primary for a while and loses elections for the next term (p2 and the
+/// witness still see n1); the partition heals and both proxies write to
+/// n1 in the same term again. Then the witness dies: one voter of three is gone, which
 /// per the design never stops writes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_the_witness_after_a_lost_election_does_not_stop_writes() {
@@ -888,21 +893,18 @@ async fn losing_the_witness_after_a_lost_election_does_not_stop_writes() {
         Admin::of(&voters, "p2"),
         Admin::of(&voters, "w1"),
     );
-    for p in [p1, p2] {
-        p.wait_route(1, "n1", DEADLINE);
-    }
+    let t0 = wait_all_route(&[p1, p2], &[p1, p2, w1], "n1", 0);
     create_writes_table(&dsn(&proxy2)).await;
 
     to_n1.cut();
-    wait_until("p1 loses an election for term 2", DEADLINE, || {
+    wait_until("p1 loses an election for the next term", DEADLINE, || {
         kind_is(&p1.events(), "election_lost")
             .iter()
-            .any(|e| e["term"] == 2 && detail(e).contains("still see n1"))
+            .any(|e| e["term"] == t0 + 1 && detail(e).contains("still see n1"))
     });
     to_n1.heal();
-    for p in [p1, p2] {
-        p.wait_route(1, "n1", DEADLINE);
-    }
+    let back = wait_all_route(&[p1, p2], &[p1, p2, w1], "n1", t0 - 1);
+    assert_eq!(back, t0, "the same term after the heal");
     assert_eq!(one_write(&dsn(&proxy2), "p2").await.unwrap(), "n1");
     let records: Vec<String> = [p1, p2, w1]
         .iter()
@@ -936,7 +938,7 @@ async fn losing_the_witness_after_a_lost_election_does_not_stop_writes() {
     assert!(in_recovery(&cluster.standby));
     println!(
         "lost election, then the witness died: {writes} writes through p2 on n1 over \
-         {:?}, term 1",
+         {:?}, term {t0}",
         killed.elapsed()
     );
 }
@@ -947,7 +949,7 @@ async fn losing_the_witness_after_a_lost_election_does_not_stop_writes() {
 /// p1 is frozen (SIGSTOP) while p2 and the witness fail over to n2; the
 /// old primary comes back writable and p2 fences it; p1 wakes with its
 /// term-1 view and must not route anything to n1, must not touch n2, and
-/// must converge to term 2.
+/// must converge to the new term.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxy_frozen_during_a_failover_wakes_up_harmless() {
     let mut cluster = PgCluster::primary_with_standby();
@@ -955,10 +957,12 @@ async fn a_proxy_frozen_during_a_failover_wakes_up_harmless() {
     let _witness = WitnessProcess::start(&cluster.nodes(), &voters, "w1");
     let proxy1 = start_proxy(&cluster.nodes(), &voters, "p1");
     let _proxy2 = start_proxy(&cluster.nodes(), &voters, "p2");
-    let (p1, p2) = (Admin::of(&voters, "p1"), Admin::of(&voters, "p2"));
-    for p in [p1, p2] {
-        p.wait_route(1, "n1", DEADLINE);
-    }
+    let (p1, p2, w1) = (
+        Admin::of(&voters, "p1"),
+        Admin::of(&voters, "p2"),
+        Admin::of(&voters, "w1"),
+    );
+    let t0 = wait_all_route(&[p1, p2], &[p1, p2, w1], "n1", 0);
     wait_until("p1 holds a routing lease", DEADLINE, || {
         p1.status()["lease_valid"] == true
     });
@@ -971,7 +975,7 @@ async fn a_proxy_frozen_during_a_failover_wakes_up_harmless() {
     let frozen = Frozen::stop(proxy1.pid());
     let killed = Instant::now();
     cluster.primary.kill9();
-    p2.wait_route(2, "n2", DEADLINE);
+    let term = wait_all_route(&[p2], &[p2, w1], "n2", t0);
     let failed_over = killed.elapsed();
 
     // The old primary returns as it was: writable, on the old timeline.
@@ -995,7 +999,7 @@ async fn a_proxy_frozen_during_a_failover_wakes_up_harmless() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let woke = Instant::now();
     frozen.resume();
-    p1.wait_route(2, "n2", DEADLINE);
+    p1.wait_route(term, "n2", DEADLINE);
     let converged = woke.elapsed();
     // Keep knocking for a while after convergence, too.
     let after: Vec<_> = (0..3)
@@ -1039,8 +1043,8 @@ async fn a_proxy_frozen_during_a_failover_wakes_up_harmless() {
     );
     let learned = kind_is(&p1_events, "term_learned");
     assert!(
-        learned.iter().any(|e| e["term"] == 2),
-        "p1 learnt term 2: {p1_events:?}"
+        learned.iter().any(|e| e["term"] == term),
+        "p1 learnt term {term}: {p1_events:?}"
     );
     let logs = [("p1", p1_events.clone()), ("p2", p2.events())];
     let promotions = by_term(&logs, "promote");
@@ -1054,7 +1058,7 @@ async fn a_proxy_frozen_during_a_failover_wakes_up_harmless() {
     );
     println!(
         "frozen proxy: p2 failed over {failed_over:?} after kill -9; p1 woke and routed to n2 \
-         in term 2 after {converged:?}; {} sessions through p1 after waking, all on n2",
+         in term {term} after {converged:?}; {} sessions through p1 after waking, all on n2",
         seen.len()
     );
 }
