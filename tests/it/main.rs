@@ -22,6 +22,7 @@ mod clients;
 mod copy;
 mod disconnect;
 mod failover;
+mod failover_data;
 mod failover_safety;
 mod harness_selftest;
 mod hostile;

@@ -11,6 +11,8 @@ pub const STANDBY_SLOT: &str = "standby_slot";
 pub struct PgCluster {
     pub primary: PgNode,
     pub standby: PgNode,
+    /// Further standbys (`primary_with_standbys`), each with its own slot.
+    pub more_standbys: Vec<PgNode>,
 }
 
 impl PgCluster {
@@ -19,29 +21,73 @@ impl PgCluster {
     pub fn primary_with_standby() -> Self {
         let primary = PgNode::primary("n1");
         let standby = PgNode::standby_of("n2", &primary, STANDBY_SLOT);
-        let cluster = Self { primary, standby };
+        let cluster = Self {
+            primary,
+            standby,
+            more_standbys: Vec::new(),
+        };
         cluster.wait_streaming();
         cluster
+    }
+
+    /// Primary `n1` and standbys `n2`, `n3`, ... (`count` of them), each
+    /// cloned from the primary through its own slot `pgfailover_<name>`
+    /// (the name pgfailover gives the slots it creates). Returns once the
+    /// primary reports every standby streaming.
+    pub fn primary_with_standbys(count: usize) -> Self {
+        assert!(count >= 1, "at least one standby");
+        let primary = PgNode::primary("n1");
+        let mut standbys: Vec<PgNode> = (2..count + 2)
+            .map(|i| {
+                let name = format!("n{i}");
+                PgNode::standby_of(&name, &primary, &format!("pgfailover_{name}"))
+            })
+            .collect();
+        let standby = standbys.remove(0);
+        let cluster = Self {
+            primary,
+            standby,
+            more_standbys: standbys,
+        };
+        cluster.wait_streaming();
+        cluster
+    }
+
+    /// Every node, primary first.
+    pub fn all(&self) -> Vec<&PgNode> {
+        let mut all = vec![&self.primary, &self.standby];
+        all.extend(&self.more_standbys);
+        all
+    }
+
+    /// The node called `name`.
+    pub fn node(&self, name: &str) -> &PgNode {
+        self.all()
+            .into_iter()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("no node {name}"))
     }
 
     /// Waits until pg_stat_replication on the primary shows the standby
     /// (its cluster_name is the walreceiver's application_name) streaming.
     pub fn wait_streaming(&self) {
-        let sql = format!(
-            "SELECT count(*) FROM pg_stat_replication \
-             WHERE application_name = '{}' AND state = 'streaming'",
-            self.standby.name
-        );
-        wait_until("the standby streams from the primary", DEADLINE, || {
-            self.primary.try_psql(&sql).is_ok_and(|n| n == "1")
-        });
+        for standby in self.all().into_iter().skip(1) {
+            let sql = format!(
+                "SELECT count(*) FROM pg_stat_replication \
+                 WHERE application_name = '{}' AND state = 'streaming'",
+                standby.name
+            );
+            wait_until("the standby streams from the primary", DEADLINE, || {
+                self.primary.try_psql(&sql).is_ok_and(|n| n == "1")
+            });
+        }
     }
 
     /// `(name, port)` of every node, primary first, as the proxy takes them.
     pub fn nodes(&self) -> Vec<(&str, u16)> {
-        vec![
-            (self.primary.name.as_str(), self.primary.port()),
-            (self.standby.name.as_str(), self.standby.port()),
-        ]
+        self.all()
+            .into_iter()
+            .map(|n| (n.name.as_str(), n.port()))
+            .collect()
     }
 }

@@ -158,6 +158,21 @@ impl PgNode {
         });
     }
 
+    /// SIGSTOP of the postmaster and then of its children (listed once the
+    /// postmaster can no longer fork): the server neither answers nor
+    /// refuses. The returned guard sends SIGCONT to all of them when
+    /// thawed or dropped, also when a test panics.
+    pub fn freeze(&self) -> Frozen {
+        let pid = self.postmaster_pid().expect("postmaster is running");
+        let mut frozen = Frozen { pids: vec![pid] };
+        signal_pid(pid, "STOP");
+        for child in children_of(pid) {
+            signal_pid(child, "STOP");
+            frozen.pids.push(child);
+        }
+        frozen
+    }
+
     /// Promotes a standby with `SELECT pg_promote()` (waits for completion).
     pub fn promote(&self) {
         let out = self.psql("SELECT pg_promote()");
@@ -240,6 +255,44 @@ impl Drop for PgNode {
             let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
         }
     }
+}
+
+/// Processes stopped by `PgNode::freeze`, continued on `thaw` or drop.
+#[derive(Debug)]
+pub struct Frozen {
+    pids: Vec<u32>,
+}
+
+impl Frozen {
+    /// How many processes were stopped (the postmaster and its children).
+    pub fn count(&self) -> usize {
+        self.pids.len()
+    }
+
+    /// SIGCONT to every stopped process.
+    pub fn thaw(mut self) {
+        self.cont();
+    }
+
+    fn cont(&mut self) {
+        for pid in self.pids.drain(..) {
+            signal_pid(pid, "CONT");
+        }
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        self.cont();
+    }
+}
+
+/// `kill -SIG pid`, ignoring a process that is already gone.
+fn signal_pid(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
 }
 
 /// Pids whose parent is `pid` (from /proc/*/stat).
