@@ -15,7 +15,7 @@ use tokio_postgres::{Client, NoTls};
 
 use crate::harness::{
     APP_DB, DEADLINE, PgCluster, PgNode, ProxyProcess, SCRAM_USER, VoterSet, WitnessProcess,
-    admin_get, pg_bin,
+    admin_get, pg_bin, wait_until,
 };
 use crate::util::{describe, try_connect};
 
@@ -42,6 +42,11 @@ impl DataCluster {
         args.extend(extra_proxy_args.iter().map(|s| s.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let proxy = ProxyProcess::start(&cluster.nodes(), &args);
+        // The proxy binds its data port before its admin API: wait for both.
+        let admin = voters.admin_port("p1");
+        wait_until("p1's admin API listens", DEADLINE, || {
+            std::net::TcpStream::connect(("127.0.0.1", admin)).is_ok()
+        });
         Self {
             proxy,
             _witness: witness,
@@ -55,38 +60,55 @@ impl DataCluster {
     }
 
     fn status(&self) -> Value {
-        let (code, body) = admin_get(self.voters.admin_port("p1"), "/cluster");
-        assert_eq!(code, 200, "{body}");
-        serde_json::from_str(&body).expect("cluster JSON")
+        serde_json::from_str(&self.admin("/cluster")).expect("cluster JSON")
     }
 
     fn events(&self) -> Vec<Value> {
-        let (code, body) = admin_get(self.voters.admin_port("p1"), "/events");
-        assert_eq!(code, 200, "{body}");
-        serde_json::from_str(&body).expect("events JSON")
+        serde_json::from_str(&self.admin("/events")).expect("events JSON")
     }
 
-    /// Waits until the proxy routes writes to `primary` in `term`.
-    async fn wait_for_term(&self, term: u64, primary: &str) {
+    /// GET `path` on p1's admin API; if p1 does not answer, says whether
+    /// the proxy process is still alive.
+    fn admin(&self, path: &str) -> String {
+        let port = self.voters.admin_port("p1");
+        if let Err(e) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            let pid = self.proxy.pid();
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"));
+            panic!(
+                "p1's admin API on port {port}: {e}; proxy pid {pid}, /proc/{pid}/stat: {stat:?}"
+            );
+        }
+        let (code, body) = admin_get(port, path);
+        assert_eq!(code, 200, "{path}: {body}");
+        body
+    }
+
+    /// Waits until the proxy routes writes to `primary` in a term after
+    /// `after_term` (the first term need not be 1: a split bootstrap vote
+    /// takes the next); returns that term.
+    async fn wait_routing(&self, primary: &str, after_term: u64) -> u64 {
+        let mut term = 0;
         wait_for(
-            &format!("term {term} with primary {primary}"),
+            &format!("the proxy routes to {primary} in a term after {after_term}"),
             DEADLINE,
             || {
                 let s = self.status();
-                s["term"] == term && s["routing_to"] == primary
+                term = s["term"].as_u64().unwrap_or(0);
+                s["routing_to"] == primary && term > after_term
             },
         )
         .await;
+        term
     }
 
     /// Waits until the proxy routes writes to a node other than `old` in a
-    /// term after 1; returns that node.
-    async fn wait_for_new_primary(&self, old: &str) -> String {
+    /// term after `after_term`; returns that node.
+    async fn wait_for_new_primary(&self, old: &str, after_term: u64) -> String {
         let mut primary = String::new();
         wait_for(&format!("a primary other than {old}"), DEADLINE, || {
             let s = self.status();
             match s["routing_to"].as_str() {
-                Some(p) if p != old && s["term"].as_u64() > Some(1) => {
+                Some(p) if p != old && s["term"].as_u64() > Some(after_term) => {
                     primary = p.to_string();
                     true
                 }
@@ -314,6 +336,7 @@ async fn write_loop(dsn: String, first_id: i64, stop: Arc<AtomicBool>, ledger: A
 /// primary's name and what it holds.
 async fn write_through_a_kill9(
     c: &DataCluster,
+    t1: u64,
     min_acked: usize,
     after: usize,
 ) -> (Arc<Ledger>, String, BTreeSet<i64>) {
@@ -327,7 +350,7 @@ async fn write_through_a_kill9(
     let acked_before = writers.ledger.acked_count();
     let killed = Instant::now();
     c.cluster.primary.kill9();
-    let new = c.wait_for_new_primary("n1").await;
+    let new = c.wait_for_new_primary("n1", t1).await;
     let took = killed.elapsed();
     let node = c.cluster.node(&new);
     let sql = format!("SELECT count(*) FROM ledger WHERE node = '{new}'");
@@ -355,7 +378,7 @@ async fn write_through_a_kill9(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn after_kill9_the_other_standby_streams_from_the_new_primary_through_a_slot() {
     let c = DataCluster::start(PgCluster::primary_with_standbys(2), &[]);
-    c.wait_for_term(1, "n1").await;
+    let t1 = c.wait_routing("n1", 0).await;
     create_ledger(&c.dsn()).await;
     let client = crate::util::connect(&c.dsn()).await;
     client
@@ -366,7 +389,7 @@ async fn after_kill9_the_other_standby_streams_from_the_new_primary_through_a_sl
 
     let killed = Instant::now();
     c.cluster.primary.kill9();
-    let new = c.wait_for_new_primary("n1").await;
+    let new = c.wait_for_new_primary("n1", t1).await;
     println!("kill -9 of n1: {new} routed after {:?}", killed.elapsed());
     let other = if new == "n2" { "n3" } else { "n2" };
     let primary = c.cluster.node(&new);
@@ -484,7 +507,7 @@ fn report(opened: &[Opened]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigstop_of_the_primary_evicts_its_sessions_with_57p01_and_holds_new_ones() {
     let c = DataCluster::start(PgCluster::primary_with_standby(), &[]);
-    c.wait_for_term(1, "n1").await;
+    let t1 = c.wait_routing("n1", 0).await;
     create_ledger(&c.dsn()).await;
 
     let mut idle = Vec::new();
@@ -520,7 +543,7 @@ async fn sigstop_of_the_primary_evicts_its_sessions_with_57p01_and_holds_new_one
     for _ in 0..3 {
         openers.push(tokio::spawn(open_and_ask(c.dsn(), frozen_at)));
     }
-    while c.status()["term"] == 1 {
+    while c.status()["term"] == t1 {
         assert!(
             frozen_at.elapsed() < DEADLINE,
             "no failover: {:#}",
@@ -529,7 +552,7 @@ async fn sigstop_of_the_primary_evicts_its_sessions_with_57p01_and_holds_new_one
         openers.push(tokio::spawn(open_and_ask(c.dsn(), frozen_at)));
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    c.wait_for_term(2, "n2").await;
+    c.wait_routing("n2", t1).await;
     let failed_over_after = frozen_at.elapsed();
     let mut opened = Vec::new();
     for o in openers {
@@ -611,7 +634,7 @@ async fn sigstop_of_the_primary_evicts_its_sessions_with_57p01_and_holds_new_one
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sessions_opened_as_the_primary_freezes_reach_the_new_primary() {
     let c = DataCluster::start(PgCluster::primary_with_standby(), &[]);
-    c.wait_for_term(1, "n1").await;
+    let t1 = c.wait_routing("n1", 0).await;
 
     let frozen = c.cluster.primary.freeze();
     let frozen_at = Instant::now();
@@ -625,7 +648,7 @@ async fn sessions_opened_as_the_primary_freezes_reach_the_new_primary() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let unrouted_after = frozen_at.elapsed();
-    c.wait_for_term(2, "n2").await;
+    c.wait_routing("n2", t1).await;
     let failed_over_after = frozen_at.elapsed();
     let mut opened = Vec::new();
     for o in openers {
@@ -650,7 +673,7 @@ async fn sessions_opened_as_the_primary_freezes_reach_the_new_primary() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn synchronous_mode_loses_no_acknowledged_commit_on_kill9() {
     let c = DataCluster::start(PgCluster::primary_with_standby(), &["--synchronous"]);
-    c.wait_for_term(1, "n1").await;
+    let t1 = c.wait_routing("n1", 0).await;
     let primary = &c.cluster.primary;
     wait_for(
         "the proxy makes n2 the synchronous standby of n1",
@@ -673,7 +696,7 @@ async fn synchronous_mode_loses_no_acknowledged_commit_on_kill9() {
     );
     create_ledger(&c.dsn()).await;
 
-    let (ledger, new, present) = write_through_a_kill9(&c, 1000, 100).await;
+    let (ledger, new, present) = write_through_a_kill9(&c, t1, 1000, 100).await;
     assert_eq!(new, "n2");
     let acked = ledger.acked();
     let unknown = ledger.unknown();
@@ -739,10 +762,10 @@ fn wal_end_on_disk(node: &PgNode, from: &str) -> Option<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn asynchronous_failover_reports_a_wal_gap_consistent_with_lost_commits() {
     let c = DataCluster::start(PgCluster::primary_with_standby(), &[]);
-    c.wait_for_term(1, "n1").await;
+    let t1 = c.wait_routing("n1", 0).await;
     create_ledger(&c.dsn()).await;
 
-    let (ledger, new, present) = write_through_a_kill9(&c, 2000, 100).await;
+    let (ledger, new, present) = write_through_a_kill9(&c, t1, 2000, 100).await;
     let acked = ledger.acked();
     let lost: Vec<&i64> = acked.difference(&present).collect();
     let failover = c.failover_event();
