@@ -198,6 +198,13 @@ impl NodeSql<'_> {
         self.run(&[&sql]).await
     }
 
+    /// CHECKPOINT. A promoted server's control file names its new
+    /// timeline only after its next checkpoint, and pg_rewind reads the
+    /// timeline there: without one it may find nothing to rewind.
+    pub async fn checkpoint(&self) -> Result<(), String> {
+        self.run(&["CHECKPOINT"]).await
+    }
+
     pub async fn set_synchronous_standby_names(&self, value: &str) -> Result<(), String> {
         let sql = format!(
             "ALTER SYSTEM SET synchronous_standby_names = {}",

@@ -9,13 +9,13 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router, middleware};
-use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
 
 use super::agent::Request;
 use super::local::LocalSql;
 use crate::admin::{self, AdminState};
 use crate::consensus::Peers;
+use crate::consensus::messages::DemoteRequest;
 
 /// What the handlers need to reach the node and its supervisor.
 pub struct NodeHandle {
@@ -26,12 +26,6 @@ pub struct NodeHandle {
 }
 
 type Shared = State<Arc<NodeHandle>>;
-
-#[derive(Debug, Deserialize)]
-pub struct DemoteRequest {
-    /// The node that is to become primary; this one follows it.
-    pub primary: String,
-}
 
 /// The agent's routes, falling back to the member's admin API.
 pub fn routes(handle: NodeHandle, state: Arc<AdminState>) -> Router {
@@ -85,13 +79,10 @@ async fn replica(State(node): Shared) -> Response {
 }
 
 /// Fast clean shutdown, then a standby of the given primary; answers
-/// with the final checkpoint's LSN.
+/// with the final checkpoint's LSN (`final_lsn`).
 async fn demote(State(node): Shared, Json(request): Json<DemoteRequest>) -> Response {
     let (reply, answer) = oneshot::channel();
-    let sent = node.requests.send(Request::Demote {
-        primary: request.primary,
-        reply,
-    });
+    let sent = node.requests.send(Request::Demote { request, reply });
     if sent.await.is_err() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,

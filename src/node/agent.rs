@@ -15,7 +15,9 @@ use super::local::LocalSql;
 use super::postmaster::Postmaster;
 use super::server::{DataState, Server};
 use super::term::{self, TermView};
+use crate::config::NodeSpec;
 use crate::consensus::Peers;
+use crate::consensus::messages::DemoteRequest;
 use crate::events::EventLog;
 use crate::topology::{NodeHealth, TopologyStore};
 
@@ -29,19 +31,21 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// A call from the admin API.
 pub enum Request {
     Demote {
-        primary: String,
+        request: DemoteRequest,
         reply: oneshot::Sender<Result<Demoted, String>>,
     },
 }
 
-/// The answer to a demote: where the old primary's WAL ends.
+/// The answer to a demote (a `DemoteResponse` with details): where the
+/// old primary's WAL ends.
 #[derive(Debug, Clone, Serialize)]
 pub struct Demoted {
     pub node: String,
     pub primary: String,
-    /// "Latest checkpoint location" of the clean shutdown: the new
-    /// primary must have replayed this far before it is promoted.
-    pub checkpoint_lsn: String,
+    /// "Latest checkpoint location": the shutdown checkpoint, the last
+    /// record this node wrote. The new primary must have replayed this
+    /// far before it is promoted.
+    pub final_lsn: String,
     pub redo_lsn: String,
     pub timeline: u32,
     pub took_ms: u64,
@@ -239,6 +243,19 @@ impl Agent {
             .unwrap_or(NodeHealth::Unknown)
     }
 
+    /// The health of `name` once this agent's monitor has probed it (just
+    /// after the agent starts it has not yet), waiting a few intervals.
+    pub(super) async fn probed_health(&self, name: &str) -> NodeHealth {
+        let deadline = Instant::now() + self.server.config.monitor.down_after;
+        loop {
+            let health = self.health_of(name);
+            if health != NodeHealth::Unknown || Instant::now() >= deadline {
+                return health;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// While running: a node that is writable although the term names
     /// another primary, which is up and writable, is a stale primary
     /// found alive after a failover. It is stopped and rejoins. (While a
@@ -277,8 +294,8 @@ impl Agent {
 
     async fn handle(&mut self, request: Request) {
         match request {
-            Request::Demote { primary, reply } => {
-                let result = self.demote(&primary).await;
+            Request::Demote { request, reply } => {
+                let result = self.demote(&request).await;
                 let _ = reply.send(result);
             }
         }
@@ -287,12 +304,24 @@ impl Agent {
     /// Planned demotion for a switchover: fast clean shutdown, then a
     /// standby of `primary` without rewind (its final checkpoint is the
     /// last WAL record, which the new primary replays before promotion).
-    async fn demote(&mut self, primary: &str) -> Result<Demoted, String> {
+    async fn demote(&mut self, request: &DemoteRequest) -> Result<Demoted, String> {
         let started = Instant::now();
+        let primary = request.primary.as_str();
         if primary == self.name() {
             return Err(format!("{primary} is this node"));
         }
-        let spec = self.node_spec(primary)?;
+        let term = self.learn_term().await.term;
+        if request.term < term {
+            return Err(format!(
+                "the demote was decided in term {}, and term {term} is newer",
+                request.term
+            ));
+        }
+        let spec = NodeSpec {
+            name: primary.to_owned(),
+            host: request.host.clone(),
+            port: request.port,
+        };
         if self.postmaster.is_none() {
             return Err("postgres is not running here".into());
         }
@@ -307,12 +336,11 @@ impl Agent {
         self.server
             .configure_standby(&spec, slot.as_deref())
             .map_err(|e| format!("cannot configure the standby: {e}"))?;
-        let term = self.peers.me().record().term;
         self.postmaster = Some(self.start("standby", term).await?);
         let demoted = Demoted {
             node: self.name().to_owned(),
             primary: primary.to_owned(),
-            checkpoint_lsn: control.checkpoint_lsn,
+            final_lsn: control.checkpoint_lsn,
             redo_lsn: control.redo_lsn,
             timeline: control.timeline,
             took_ms: started.elapsed().as_millis() as u64,
@@ -323,7 +351,7 @@ impl Agent {
             Some(self.name()),
             format!(
                 "{} demoted after a clean shutdown at {} (timeline {}); now a standby of {primary}",
-                demoted.node, demoted.checkpoint_lsn, demoted.timeline
+                demoted.node, demoted.final_lsn, demoted.timeline
             ),
             started.elapsed(),
         );

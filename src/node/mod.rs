@@ -35,7 +35,7 @@ use crate::consensus::Peers;
 use crate::events::EventLog;
 use crate::topology::TopologyStore;
 
-pub use admin::{DemoteRequest, NodeHandle, routes};
+pub use admin::{NodeHandle, routes};
 pub use agent::{Agent, Demoted};
 
 /// The agent, to run until the member stops, and the handle its admin

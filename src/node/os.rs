@@ -93,8 +93,9 @@ fn postgres_id(flag: &str) -> Result<u32, String> {
         })
 }
 
-/// Runs `cmd` to completion and returns its stdout; on failure, the exit
-/// status and the last lines of its stderr. Killed if the caller gives up.
+/// Runs `cmd` to completion and returns its stdout followed by its stderr
+/// (where PostgreSQL's tools report); on failure, the exit status and the
+/// last lines of its stderr. Killed if the caller gives up.
 pub async fn run(cmd: &mut Command, what: &str) -> Result<String, String> {
     let out = cmd
         .stdout(Stdio::piped())
@@ -103,10 +104,10 @@ pub async fn run(cmd: &mut Command, what: &str) -> Result<String, String> {
         .output()
         .await
         .map_err(|e| format!("cannot run {what}: {e}"))?;
-    if out.status.success() {
-        return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
-    }
     let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        return Ok(format!("{}{stderr}", String::from_utf8_lossy(&out.stdout)));
+    }
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
     let tail = lines[lines.len().saturating_sub(3)..].join(" / ");
     Err(format!("{what} failed ({}): {tail}", out.status))

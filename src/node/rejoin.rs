@@ -53,15 +53,13 @@ impl Agent {
     /// A former primary, and a cleanly stopped standby, go through
     /// pg_rewind first: it rewinds what diverged from the primary's
     /// timeline, and does nothing when nothing did. pg_rewind needs a
-    /// cleanly shut down target; since PostgreSQL 13 it gets one by
-    /// itself, running crash recovery in single-user mode (`postgres
-    /// --single`, which opens no port, so the old primary takes no
-    /// write). That cannot run with standby.signal present, and a former
-    /// primary has none. A crashed standby skips the rewind instead: it
-    /// replays its own WAL when it starts as a standby, which is safe, and
-    /// a single-user crash recovery would write an end-of-recovery
-    /// checkpoint on the primary's own timeline that the primary lacks.
-    /// When pg_rewind fails the data directory is wiped and cloned again.
+    /// cleanly shut down target, so a crashed former primary first gets
+    /// crash recovery in single-user mode (`crash_recover`). A crashed
+    /// standby skips the rewind instead: it replays its own WAL when it
+    /// starts as a standby, which is safe, whereas a crash recovery
+    /// outside standby mode would end with a checkpoint record on the
+    /// primary's own timeline that the primary lacks. When the rewind
+    /// fails the data directory is wiped and cloned again.
     pub(super) async fn rejoin(
         &mut self,
         primary: &Arc<NodeSpec>,
@@ -71,7 +69,7 @@ impl Agent {
         let started = Instant::now();
         let control = self.server.controldata().await?;
         let was_standby = self.server.standby_signal();
-        let health = self.health_of(&primary.name);
+        let health = self.probed_health(&primary.name).await;
         if health != NodeHealth::Primary {
             if !was_standby {
                 return Err(format!(
@@ -88,7 +86,14 @@ impl Agent {
         let how = if was_standby && !control.clean() {
             "crash recovery as a standby".to_owned()
         } else {
-            match self.rewind(primary).await {
+            let crashed = !control.clean();
+            let rewound = async {
+                if crashed {
+                    self.crash_recover().await?;
+                }
+                self.rewind(primary).await
+            };
+            match rewound.await {
                 Ok(how) => how,
                 Err(reason) => {
                     self.reclone(primary, term, &reason).await?;
@@ -118,10 +123,36 @@ impl Agent {
             .map_err(|e| format!("cannot configure the standby: {e}"))
     }
 
+    /// Crash recovery of a former primary, as pg_rewind needs it cleanly
+    /// shut down: `postgres --single` replays its WAL and stops with a
+    /// checkpoint. Single-user mode opens no port, so the old primary
+    /// takes no write. pg_rewind (13+) could run this itself, but with the
+    /// server's own settings, and then the end-of-recovery checkpoint
+    /// recycles the WAL segments pg_rewind reads back to find the last
+    /// checkpoint before the divergence; a huge wal_keep_size keeps them.
+    async fn crash_recover(&self) -> Result<(), String> {
+        let mut cmd = self.server.program("postgres");
+        cmd.arg("--single")
+            .arg("-D")
+            .arg(self.server.data())
+            .args(["-c", "wal_keep_size=1TB", "-c", "archive_mode=off"])
+            .arg("postgres");
+        os::run(&mut cmd, "crash recovery (postgres --single)")
+            .await
+            .map(drop)
+    }
+
     /// pg_rewind from `primary`, connecting as the monitor user (a
     /// superuser). Returns what it did.
     async fn rewind(&self, primary: &NodeSpec) -> Result<String, String> {
         let monitor = &self.server.config.monitor;
+        NodeSql {
+            node: primary,
+            monitor,
+        }
+        .checkpoint()
+        .await
+        .map_err(|e| format!("CHECKPOINT on {} before pg_rewind: {e}", primary.name))?;
         let source = pgconf::conninfo(&[
             ("host", &primary.host),
             ("port", &primary.port.to_string()),
@@ -166,7 +197,7 @@ impl Agent {
             "reclone",
             Some(self.name()),
             format!(
-                "{reason}; wiped the data directory and cloned it again from {}",
+                "rewind failed: {reason}; wiped the data directory and cloned it again from {}",
                 primary.name
             ),
             started.elapsed(),

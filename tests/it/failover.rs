@@ -66,7 +66,7 @@ impl VotingCluster {
 }
 
 /// Inserts one row through `client`; returns the node that took it.
-async fn write_once(client: &Client) -> Result<String, tokio_postgres::Error> {
+pub(crate) async fn write_once(client: &Client) -> Result<String, tokio_postgres::Error> {
     let row = client
         .query_one(
             "INSERT INTO writes (node) VALUES (current_setting('cluster_name')) RETURNING node",
@@ -79,7 +79,7 @@ async fn write_once(client: &Client) -> Result<String, tokio_postgres::Error> {
 /// Loops short writes through the proxy, reconnecting on any error (as
 /// the seed's application does), until one lands on `node`. Returns the
 /// time from `since` to that first write.
-async fn first_write_on(dsn: &str, node: &str, since: Instant) -> Duration {
+pub(crate) async fn first_write_on(dsn: &str, node: &str, since: Instant) -> Duration {
     let mut client: Option<Client> = None;
     loop {
         assert!(since.elapsed() < DEADLINE, "no write reached {node}");
@@ -97,7 +97,7 @@ async fn first_write_on(dsn: &str, node: &str, since: Instant) -> Duration {
     }
 }
 
-async fn create_writes_table(dsn: &str) {
+pub(crate) async fn create_writes_table(dsn: &str) {
     let client = crate::util::connect(dsn).await;
     client
         .batch_execute("CREATE TABLE writes (id bigserial PRIMARY KEY, node text NOT NULL, at timestamptz DEFAULT now())")

@@ -26,6 +26,7 @@ mod failover_data;
 mod failover_safety;
 mod harness_selftest;
 mod hostile;
+mod node_agent;
 mod notify;
 mod ops;
 mod pgbench;

@@ -167,6 +167,17 @@ pub fn admin_get(port: u16, path: &str) -> (u16, String) {
 
 /// A request with an optional Bearer token; returns (status, body).
 pub fn admin_request(port: u16, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    admin_send(port, method, path, token, "")
+}
+
+/// Like `admin_request`, with a JSON body (none when empty).
+pub fn admin_send(
+    port: u16,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    json: &str,
+) -> (u16, String) {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to the admin API");
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
@@ -174,8 +185,15 @@ pub fn admin_request(port: u16, method: &str, path: &str, token: Option<&str>) -
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
-    let request =
-        format!("{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n{auth}Content-Length: 0\r\n\r\n");
+    let kind = if json.is_empty() {
+        ""
+    } else {
+        "Content-Type: application/json\r\n"
+    };
+    let request = format!(
+        "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n{auth}{kind}Content-Length: {}\r\n\r\n{json}",
+        json.len()
+    );
     stream.write_all(request.as_bytes()).expect("send request");
     let mut response = String::new();
     stream.read_to_string(&mut response).expect("read response");

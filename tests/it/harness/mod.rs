@@ -4,6 +4,7 @@
 //! harness must work the same from plain `#[test]`s and from multi-threaded
 //! tokio tests, and must be able to clean up from `Drop` during a panic.
 
+mod agent;
 mod cluster;
 mod forward;
 mod members;
@@ -20,10 +21,11 @@ use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+pub use agent::AgentProcess;
 pub use cluster::PgCluster;
 pub use forward::Forwarder;
-pub use members::{VoterSet, WitnessProcess, admin_get, admin_request};
-pub use node::PgNode;
+pub use members::{VoterSet, WitnessProcess, admin_get, admin_request, admin_send};
+pub use node::{PgNode, kill9_postmaster, postmaster_pid, psql_socket};
 pub use proxy::{ProxiedCluster, ProxyProcess};
 
 /// A login role created in the template, with its password (empty: none).
@@ -122,12 +124,22 @@ pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool)
     }
 }
 
-/// A port that was free a moment ago. Another process may still grab it
-/// before we bind it again, so servers are started with a retry on
+/// A port that was free a moment ago, taken below Linux's ephemeral
+/// range (32768 and up): the many outgoing connections of a test run get
+/// their local ports from that range and would otherwise grab a port
+/// between this check and the server's bind. Servers still retry on
 /// "address in use" (see `PgNode::start`, `ProxyProcess::start`).
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    listener.local_addr().expect("local_addr").port()
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let seed = u64::from(std::process::id()) * 7_919
+        + u64::from(NEXT.fetch_add(1, Ordering::Relaxed)) * 104_729;
+    for i in 0..12_000u64 {
+        let port = 20_000 + ((seed + i * 7) % 12_000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in 20000..32000");
 }
 
 /// The cargo target directory, derived from the binary under test so that

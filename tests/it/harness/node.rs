@@ -148,14 +148,7 @@ impl PgNode {
     /// Returns once the orphaned children have exited too, so the node can
     /// be started again (PostgreSQL refuses while they hold shared memory).
     pub fn kill9(&self) {
-        let pid = self.postmaster_pid().expect("postmaster is running");
-        let children = children_of(pid);
-        run_ok(Command::new("kill").args(["-9", &pid.to_string()]));
-        wait_until("the killed postmaster's children exit", DEADLINE, || {
-            children
-                .iter()
-                .all(|c| !Path::new(&format!("/proc/{c}")).exists())
-        });
+        kill9_postmaster(&self.data_dir());
     }
 
     /// SIGSTOP of the postmaster and then of its children (listed once the
@@ -186,10 +179,7 @@ impl PgNode {
     /// The postmaster's pid if it is alive. postmaster.pid survives a
     /// kill -9, and its pid may since belong to another process: check.
     fn postmaster_pid(&self) -> Option<u32> {
-        let text = fs::read_to_string(self.data_dir().join("postmaster.pid")).ok()?;
-        let pid: u32 = text.lines().next()?.trim().parse().ok()?;
-        let comm = fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
-        (comm.trim() == "postgres").then_some(pid)
+        postmaster_pid(&self.data_dir())
     }
 
     fn pg_ctl(&self, args: &[&str]) -> Output {
@@ -220,18 +210,7 @@ impl PgNode {
     }
 
     pub fn try_psql_db(&self, db: &str, sql: &str) -> Result<String, String> {
-        let out = as_postgres(pg_bin("psql"))
-            .arg("-h")
-            .arg(self.socket_dir())
-            .args(["-p", &self.port.to_string(), "-U", "postgres", "-d", db])
-            .args(["-XAtq", "-v", "ON_ERROR_STOP=1", "-c", sql])
-            .output()
-            .map_err(|e| format!("cannot spawn psql: {e}"))?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
+        psql_socket(self.socket_dir(), self.port, db, sql)
     }
 }
 
@@ -314,4 +293,44 @@ fn children_of(pid: u32) -> Vec<u32> {
                 == Some(pid)
         })
         .collect()
+}
+
+/// The pid of a live postmaster on `data_dir`. postmaster.pid survives a
+/// kill -9, and its pid may since belong to another process: check.
+pub fn postmaster_pid(data_dir: &Path) -> Option<u32> {
+    let text = fs::read_to_string(data_dir.join("postmaster.pid")).ok()?;
+    let pid: u32 = text.lines().next()?.trim().parse().ok()?;
+    let comm = fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    (comm.trim() == "postgres").then_some(pid)
+}
+
+/// `kill -9` of the postmaster on `data_dir`; returns once its orphaned
+/// children have exited too, so the data directory can be started again
+/// (PostgreSQL refuses while they hold shared memory).
+pub fn kill9_postmaster(data_dir: &Path) {
+    let pid = postmaster_pid(data_dir).expect("postmaster is running");
+    let children = children_of(pid);
+    run_ok(Command::new("kill").args(["-9", &pid.to_string()]));
+    wait_until("the killed postmaster's children exit", DEADLINE, || {
+        children
+            .iter()
+            .all(|c| !Path::new(&format!("/proc/{c}")).exists())
+    });
+}
+
+/// Runs SQL as the superuser over the unix socket in `socket_dir` and
+/// returns the unaligned, tuples-only output, or the error text.
+pub fn psql_socket(socket_dir: &Path, port: u16, db: &str, sql: &str) -> Result<String, String> {
+    let out = as_postgres(pg_bin("psql"))
+        .arg("-h")
+        .arg(socket_dir)
+        .args(["-p", &port.to_string(), "-U", "postgres", "-d", db])
+        .args(["-XAtq", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .output()
+        .map_err(|e| format!("cannot spawn psql: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
 }

@@ -1,0 +1,227 @@
+//! `pgfailover node` agents, each running its own PostgreSQL server from
+//! an empty data directory (no template: the agent bootstraps it).
+
+use std::fs;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::members::admin_get;
+use super::node::{kill9_postmaster, postmaster_pid, psql_socket};
+use super::{
+    APP_DB, CLUSTER_TOKEN, DEADLINE, MONITOR, REPLICATOR, SCRAM_USER, TempDir, VoterSet, pg_bindir,
+    tail, tcp_dsn, wait_until,
+};
+
+/// A running `pgfailover node`. Layout of its temp dir: `data/` (PGDATA,
+/// created by the agent), `state/` (vote record, `socket/`), `agent.log`
+/// (the agent's and the postmaster's output). Dropping it stops the
+/// agent with SIGTERM (a clean stop of its server) and makes sure no
+/// postmaster outlives it.
+#[derive(Debug)]
+pub struct AgentProcess {
+    child: Child,
+    pub name: String,
+    pub pg_port: u16,
+    pub admin_port: u16,
+    dir: TempDir,
+    /// Everything after the binary, kept for `restart`.
+    args: Vec<String>,
+}
+
+impl AgentProcess {
+    /// Starts an agent for node `name` listening on `pg_port`, with every
+    /// node of `nodes` in its list and `voters` as the voter list. `role`
+    /// is `primary` or `standby`; a standby clones `primary`.
+    pub fn start(
+        name: &str,
+        pg_port: u16,
+        role: &str,
+        primary: Option<(&str, u16)>,
+        nodes: &[(&str, u16)],
+        voters: &VoterSet,
+    ) -> Self {
+        let dir = TempDir::new(&format!("pgf-a-{name}"));
+        let mut args: Vec<String> = vec!["node".into()];
+        let mut flag = |k: &str, v: String| {
+            args.push(k.into());
+            args.push(v);
+        };
+        flag("--data-dir", path_arg(&dir.path().join("data")));
+        flag("--state-dir", path_arg(&dir.path().join("state")));
+        flag("--pg-listen", format!("127.0.0.1:{pg_port}"));
+        flag("--pg-bin-dir", path_arg(&pg_bindir()));
+        flag("--role", role.into());
+        flag("--monitor-user", MONITOR.name.into());
+        flag("--monitor-interval", "200ms".into());
+        if let Some((primary, port)) = primary {
+            flag("--primary", format!("{primary}=127.0.0.1:{port}"));
+        }
+        for (node, port) in nodes {
+            flag("--node", format!("{node}=127.0.0.1:{port}"));
+        }
+        args.extend(voters.args_for(name));
+        let mut agent = Self {
+            child: spawn(&dir.path().join("agent.log"), &args),
+            name: name.into(),
+            pg_port,
+            admin_port: voters.admin_port(name),
+            dir,
+            args,
+        };
+        agent.wait_listening();
+        agent
+    }
+
+    /// Starts the agent again with the same flags and directories (after
+    /// `kill9` or `crash`); appends to the same log.
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.child = spawn(&self.log_path(), &self.args);
+        self.wait_listening();
+    }
+
+    fn wait_listening(&mut self) {
+        let start = Instant::now();
+        while TcpStream::connect(("127.0.0.1", self.admin_port)).is_err() {
+            let exited = self.child.try_wait().ok().flatten();
+            assert!(
+                exited.is_none() && start.elapsed() < DEADLINE,
+                "agent {} never listened ({exited:?}):\n{}",
+                self.name,
+                tail(&self.log_path(), 40)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// kill -9 of the agent alone: its postmaster keeps running.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// A host crash: kill -9 of the agent, then of its postmaster.
+    pub fn crash(&mut self) {
+        self.kill9();
+        kill9_postmaster(&self.data_dir());
+    }
+
+    /// SIGTERM to the agent; its exit status within `timeout`.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            return Some(status);
+        }
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn socket_dir(&self) -> PathBuf {
+        self.dir.path().join("state").join("socket")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("agent.log")
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// SQL as the superuser over the agent's private socket.
+    pub fn try_psql(&self, db: &str, sql: &str) -> Result<String, String> {
+        psql_socket(&self.socket_dir(), self.pg_port, db, sql)
+    }
+
+    pub fn psql(&self, db: &str, sql: &str) -> String {
+        self.try_psql(db, sql)
+            .unwrap_or_else(|e| panic!("psql on {} failed: {sql}\n{e}", self.name))
+    }
+
+    /// DSN of a direct TCP connection to this node.
+    pub fn dsn(&self, user: &str, password: &str, db: &str) -> String {
+        tcp_dsn(self.pg_port, user, password, db)
+    }
+
+    /// GET `path` on the agent's admin API.
+    pub fn get(&self, path: &str) -> (u16, String) {
+        admin_get(self.admin_port, path)
+    }
+
+    /// The agent's event history.
+    pub fn events(&self) -> Vec<Value> {
+        let (_, body) = self.get("/events");
+        serde_json::from_str(&body).expect("events JSON")
+    }
+
+    /// Waits until the agent reports its node streaming (`/replica` 200).
+    pub fn wait_streaming(&self, timeout: Duration) {
+        wait_until(&format!("{} streams", self.name), timeout, || {
+            self.get("/replica").0 == 200
+        });
+    }
+}
+
+fn path_arg(path: &Path) -> String {
+    path.to_string_lossy().into_owned()
+}
+
+/// Spawns `pgfailover ARGS` appending its output to `log_path`, with the
+/// secrets in the environment (the seed's variables for the app user).
+fn spawn(log_path: &Path, args: &[String]) -> Child {
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .expect("open agent.log");
+    Command::new(env!("CARGO_BIN_EXE_pgfailover"))
+        .args(args)
+        .env("PGFAILOVER_MONITOR_PASSWORD", MONITOR.password)
+        .env("PGFAILOVER_CLUSTER_TOKEN", CLUSTER_TOKEN)
+        .env("PGFAILOVER_REPLICATION_PASSWORD", REPLICATOR.password)
+        .env("POSTGRES_USER", SCRAM_USER.name)
+        .env("POSTGRES_PASSWORD", SCRAM_USER.password)
+        .env("POSTGRES_DB", APP_DB)
+        .env("RUST_LOG", "debug,tokio_postgres=info,hyper_util=info")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("clone log"))
+        .stderr(log)
+        .spawn()
+        .expect("spawn pgfailover node")
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- agent {} log, last lines:\n{}",
+                self.name,
+                tail(&self.log_path(), 60)
+            );
+        }
+        if self.terminate(Duration::from_secs(30)).is_none() {
+            self.kill9();
+        }
+        // Never panics here: a panic while unwinding would abort.
+        if let Some(pid) = postmaster_pid(&self.data_dir()) {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        }
+    }
+}

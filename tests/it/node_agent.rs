@@ -1,0 +1,376 @@
+//! `pgfailover node`: agents bootstrap a primary and a standby from empty
+//! directories, supervise them, and bring a crashed old primary back as a
+//! standby of the new one (pg_rewind, or a new clone when rewinding is
+//! impossible), never writable in between.
+
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::Value;
+
+use crate::failover::{create_writes_table, first_write_on, write_once};
+use crate::harness::{
+    APP_DB, AgentProcess, CLUSTER_TOKEN, DEADLINE, ProxyProcess, SCRAM_USER, VoterSet, admin_get,
+    admin_send, as_postgres, free_port, kill9_postmaster, pg_bin, wait_until,
+};
+use crate::util::connect;
+
+/// Agents n1 (primary) and n2 (standby) from empty data directories and
+/// a proxy p1 in front; all three vote. Field order: the proxy goes
+/// first, then the agents stop their servers.
+struct AgentCluster {
+    proxy: ProxyProcess,
+    n1: AgentProcess,
+    n2: AgentProcess,
+    voters: VoterSet,
+}
+
+impl AgentCluster {
+    fn start() -> Self {
+        let nodes = [("n1", free_port()), ("n2", free_port())];
+        let voters = VoterSet::new(&["p1", "n1", "n2"]);
+        let n1 = AgentProcess::start("n1", nodes[0].1, "primary", None, &nodes, &voters);
+        let n2 = AgentProcess::start("n2", nodes[1].1, "standby", Some(nodes[0]), &nodes, &voters);
+        let args = voters.args_for("p1");
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let proxy = ProxyProcess::start(&nodes, &args);
+        let c = Self {
+            proxy,
+            n1,
+            n2,
+            voters,
+        };
+        c.wait_for_term(1, "n1");
+        c.n2.wait_streaming(DEADLINE);
+        c
+    }
+
+    fn dsn(&self) -> String {
+        self.proxy.dsn(SCRAM_USER.name, SCRAM_USER.password, APP_DB)
+    }
+
+    fn proxy_admin(&self) -> u16 {
+        self.voters.admin_port("p1")
+    }
+
+    /// The proxy's `/cluster` report.
+    fn status(&self) -> Value {
+        let (code, body) = admin_get(self.proxy_admin(), "/cluster");
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str(&body).expect("cluster JSON")
+    }
+
+    fn proxy_events(&self) -> Vec<Value> {
+        let (_, body) = admin_get(self.proxy_admin(), "/events");
+        serde_json::from_str(&body).expect("events JSON")
+    }
+
+    fn wait_for_term(&self, term: u64, primary: &str) {
+        wait_until(
+            &format!("term {term} with primary {primary}"),
+            DEADLINE,
+            || {
+                let s = self.status();
+                s["term"] == term && s["routing_to"] == primary
+            },
+        );
+    }
+
+    /// Rows of `writes` that `node` took, counted on `on`.
+    fn rows(on: &AgentProcess, node: &str) -> Option<u64> {
+        let sql = format!("SELECT count(*) FROM writes WHERE node = '{node}'");
+        on.try_psql(APP_DB, &sql).ok()?.parse().ok()
+    }
+}
+
+/// Runs `pgfailover ARGS --admin http://127.0.0.1:PORT`; returns stdout.
+fn cli(admin_port: u16, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_pgfailover"))
+        .args(args)
+        .arg("--admin")
+        .arg(format!("http://127.0.0.1:{admin_port}"))
+        .output()
+        .expect("run pgfailover");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
+fn find<'a>(events: &'a [Value], kind: &str) -> Option<&'a Value> {
+    events.iter().find(|e| e["kind"] == kind)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_bootstrap_a_primary_and_a_standby_that_replicate() {
+    let started = Instant::now();
+    let c = AgentCluster::start();
+    println!(
+        "two agents from empty directories to term 1 with a streaming standby: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(c.n1.get("/primary").0, 200, "{:?}", c.n1.get("/primary"));
+    assert_eq!(c.n1.get("/replica").0, 503);
+    assert_eq!(c.n2.get("/primary").0, 503);
+    let (_, replica) = c.n2.get("/replica");
+    assert!(replica.contains(&format!(":{}", c.n1.pg_port)), "{replica}");
+    let slots = "SELECT string_agg(slot_name || ' ' || active, ',') FROM pg_replication_slots";
+    assert_eq!(c.n1.psql("postgres", slots), "pgfailover_n2 true");
+    let sql = "SELECT application_name FROM pg_stat_replication WHERE state = 'streaming'";
+    assert_eq!(c.n1.psql("postgres", sql), "n2");
+
+    // The seed's application user and database exist; a write through
+    // the proxy lands on n1 and appears on the standby.
+    create_writes_table(&c.dsn()).await;
+    let client = connect(&c.dsn()).await;
+    assert_eq!(write_once(&client).await.expect("write"), "n1");
+    wait_until("the write appears on the standby", DEADLINE, || {
+        AgentCluster::rows(&c.n2, "n1") == Some(1)
+    });
+
+    let table = cli(c.proxy_admin(), &["status"]);
+    for wanted in ["n1", "n2", "primary", "standby", "Term 1"] {
+        assert!(table.contains(wanted), "{wanted} missing from\n{table}");
+    }
+    // An agent's own admin API tells the same story.
+    let status: Value =
+        serde_json::from_str(&cli(c.n2.admin_port, &["status", "--json"])).expect("status JSON");
+    assert_eq!(status["kind"], "node");
+    assert_eq!(status["term"], 1);
+    assert_eq!(status["primary"], "n1");
+    assert_eq!(status["nodes"].as_array().map(Vec::len), Some(2));
+
+    // Supervision: a postmaster that dies is started again.
+    kill9_postmaster(&c.n2.data_dir());
+    c.n2.wait_streaming(DEADLINE);
+    assert!(
+        find(&c.n2.events(), "postgres_exited").is_some(),
+        "{:?}",
+        c.n2.events()
+    );
+    wait_until("the restarted standby catches up", DEADLINE, || {
+        AgentCluster::rows(&c.n2, "n1") == Some(1)
+    });
+}
+
+/// Writes through the proxy on n1, crashes n1's host (agent and
+/// postmaster, kill -9), waits for the failover to n2 and writes there.
+/// Returns when the crash happened (ms since the epoch).
+async fn crash_the_primary_and_fail_over(c: &mut AgentCluster) -> u64 {
+    create_writes_table(&c.dsn()).await;
+    let client = connect(&c.dsn()).await;
+    for _ in 0..10 {
+        assert_eq!(write_once(&client).await.expect("write on n1"), "n1");
+    }
+    wait_until("n2 has the rows of n1", DEADLINE, || {
+        AgentCluster::rows(&c.n2, "n1") == Some(10)
+    });
+    let crashed_at = now_ms();
+    let crashed = Instant::now();
+    c.n1.crash();
+    let took = first_write_on(&c.dsn(), "n2", crashed).await;
+    println!("host crash of the primary to the first write on n2: {took:?}");
+    c.wait_for_term(2, "n2");
+    let client = connect(&c.dsn()).await;
+    for _ in 0..20 {
+        assert_eq!(write_once(&client).await.expect("write on n2"), "n2");
+    }
+    crashed_at
+}
+
+/// Restarts n1's agent while a writer keeps writing through the proxy;
+/// returns how long until n1 streams from n2, and where the writes went.
+async fn restart_old_primary(c: &mut AgentCluster) -> (Duration, Vec<String>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (stop, dsn) = (Arc::clone(&stop), c.dsn());
+        tokio::spawn(async move {
+            let client = connect(&dsn).await;
+            let mut nodes = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                nodes.push(write_once(&client).await.expect("write during the rejoin"));
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            nodes
+        })
+    };
+    let restarted = Instant::now();
+    c.n1.restart();
+    c.n1.wait_streaming(DEADLINE);
+    let took = restarted.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    (took, writer.await.expect("writer"))
+}
+
+/// n1 is a standby streaming from n2 with every row n2 took, and nothing
+/// ever saw it writable since the crash.
+fn assert_rejoined(c: &AgentCluster, crashed_at: u64, writes_during_rejoin: &[String]) {
+    assert!(!writes_during_rejoin.is_empty());
+    assert!(
+        writes_during_rejoin.iter().all(|n| n == "n2"),
+        "{writes_during_rejoin:?}"
+    );
+    assert_eq!(c.n1.psql("postgres", "SELECT pg_is_in_recovery()"), "t");
+    let upstream =
+        c.n1.psql("postgres", "SELECT sender_port FROM pg_stat_wal_receiver");
+    assert_eq!(upstream, c.n2.pg_port.to_string());
+    let on_n2 = AgentCluster::rows(&c.n2, "n2").expect("rows on n2");
+    assert!(on_n2 >= 21, "{on_n2}");
+    wait_until("n1 holds every row written on n2", DEADLINE, || {
+        AgentCluster::rows(&c.n1, "n2") == Some(on_n2)
+    });
+    assert_eq!(AgentCluster::rows(&c.n1, "n1"), Some(10));
+
+    wait_until("the proxy sees n1 as a standby", DEADLINE, || {
+        let s = c.status();
+        let n1 = s["nodes"]
+            .as_array()
+            .and_then(|n| n.iter().find(|n| n["name"] == "n1"))
+            .cloned()
+            .unwrap_or_default();
+        n1["state"] == "standby" && n1["needs_rejoin"] == false && s["routing_to"] == "n2"
+    });
+    let seen_writable: Vec<Value> = c
+        .proxy_events()
+        .into_iter()
+        .filter(|e| e["at_ms"].as_u64() >= Some(crashed_at) && e["node"] == "n1")
+        .filter(|e| {
+            e["kind"] == "fence"
+                || e["detail"]
+                    .as_str()
+                    .is_some_and(|d| d.ends_with("-> primary"))
+        })
+        .collect();
+    assert!(
+        seen_writable.is_empty(),
+        "the proxy saw n1 writable after the crash: {seen_writable:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_primary_rejoins_as_a_standby_after_pg_rewind() {
+    let mut c = AgentCluster::start();
+    let crashed_at = crash_the_primary_and_fail_over(&mut c).await;
+    let (took, writes) = restart_old_primary(&mut c).await;
+    println!("old primary's agent restarted to streaming from n2 (pg_rewind): {took:?}");
+    assert_rejoined(&c, crashed_at, &writes);
+    let events = c.n1.events();
+    let rejoin = find(&events, "rejoin").unwrap_or_else(|| panic!("no rejoin in {events:?}"));
+    let detail = rejoin["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("pg_rewind") && detail.contains("n2"),
+        "{detail}"
+    );
+    assert!(find(&events, "reclone").is_none(), "{events:?}");
+    assert!(find(&events, "term_learned").is_some(), "{events:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_that_cannot_rewind_is_cloned_again_and_rejoins() {
+    let mut c = AgentCluster::start();
+    let crashed_at = crash_the_primary_and_fail_over(&mut c).await;
+    // Lose the WAL that crash recovery and pg_rewind need.
+    let wal = c.n1.data_dir().join("pg_wal");
+    let mut removed = 0;
+    for entry in std::fs::read_dir(&wal).expect("read pg_wal").flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.len() == 24 && name.chars().all(|ch| ch.is_ascii_hexdigit()) {
+            std::fs::remove_file(entry.path()).expect("remove a WAL segment");
+            removed += 1;
+        }
+    }
+    assert!(removed > 0, "no WAL segment in {}", wal.display());
+    let (took, writes) = restart_old_primary(&mut c).await;
+    println!("old primary's agent restarted to streaming from n2 (new clone): {took:?}");
+    assert_rejoined(&c, crashed_at, &writes);
+    let events = c.n1.events();
+    let reclone = find(&events, "reclone").unwrap_or_else(|| panic!("no reclone in {events:?}"));
+    let detail = reclone["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("rewind failed") && detail.contains("cloned it again from n2"),
+        "{detail}"
+    );
+    let rejoin = find(&events, "rejoin").unwrap_or_else(|| panic!("no rejoin in {events:?}"));
+    assert!(
+        rejoin["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("new clone")),
+        "{rejoin}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demote_makes_the_primary_a_standby_and_sigterm_stops_it_cleanly() {
+    let nodes = [("n1", free_port()), ("n2", free_port())];
+    let voters = VoterSet::new(&["n1", "n2"]);
+    let mut n1 = AgentProcess::start("n1", nodes[0].1, "primary", None, &nodes, &voters);
+    let n2 = AgentProcess::start("n2", nodes[1].1, "standby", Some(nodes[0]), &nodes, &voters);
+    n2.wait_streaming(DEADLINE);
+    n1.psql(
+        APP_DB,
+        "CREATE TABLE t (v text); INSERT INTO t VALUES ('before')",
+    );
+
+    let body = serde_json::json!({
+        "term": 0, "primary": "n2", "host": "127.0.0.1", "port": n2.pg_port,
+    })
+    .to_string();
+    let (code, _) = admin_send(n1.admin_port, "POST", "/v1/demote", None, &body);
+    assert_eq!(code, 401, "demote needs the cluster token");
+    let (code, answer) = admin_send(
+        n1.admin_port,
+        "POST",
+        "/v1/demote",
+        Some(CLUSTER_TOKEN),
+        &body,
+    );
+    assert_eq!(code, 200, "{answer}");
+    let answer: Value = serde_json::from_str(&answer).expect("demote JSON");
+    let final_lsn = answer["final_lsn"].as_str().expect("final_lsn").to_owned();
+    println!(
+        "demote: clean shutdown at {final_lsn}, standby again after {} ms",
+        answer["took_ms"]
+    );
+    assert_eq!(n1.psql("postgres", "SELECT pg_is_in_recovery()"), "t");
+
+    // The switchover's next steps: the target replays up to the final
+    // LSN and is promoted; the demoted node follows it without rewind.
+    let replayed = format!("SELECT pg_last_wal_replay_lsn() >= '{final_lsn}'::pg_lsn");
+    wait_until("n2 replays the final checkpoint", DEADLINE, || {
+        n2.try_psql("postgres", &replayed).is_ok_and(|v| v == "t")
+    });
+    assert_eq!(n2.psql("postgres", "SELECT pg_promote()"), "t");
+    n2.psql(APP_DB, "INSERT INTO t VALUES ('after')");
+    n1.wait_streaming(DEADLINE);
+    wait_until("n1 follows the promoted n2", DEADLINE, || {
+        n1.try_psql(APP_DB, "SELECT string_agg(v, ',' ORDER BY v) FROM t")
+            .is_ok_and(|v| v == "after,before")
+    });
+    assert!(find(&n1.events(), "demote").is_some());
+
+    // SIGTERM: the agent stops its server with a clean shutdown, then exits.
+    let status = n1.terminate(Duration::from_secs(60)).expect("agent exits");
+    assert!(status.success(), "{status:?}");
+    let control = as_postgres(pg_bin("pg_controldata"))
+        .arg("-D")
+        .arg(n1.data_dir())
+        .env("LC_ALL", "C")
+        .output()
+        .expect("pg_controldata");
+    let control = String::from_utf8_lossy(&control.stdout);
+    assert!(
+        control.contains("Database cluster state:               shut down in recovery"),
+        "{control}"
+    );
+}
