@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::StreamExt;
 use futures_util::future::join_all;
+use futures_util::stream::FuturesUnordered;
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper::header::{AUTHORIZATION, CONTENT_TYPE};
@@ -72,14 +74,18 @@ impl Peers {
         self.others.iter().map(|v| v.name.as_str())
     }
 
+    /// Stops asking once a majority granted: a frozen or far voter must
+    /// not slow a failover that already has its votes.
     pub async fn request_votes(&self, request: &VoteRequest) -> Vec<Reply<VoteResponse>> {
         let mine = Ok(self.me.vote(request));
-        self.ask_all(mine, "/v1/vote", Some(request)).await
+        self.ask_until_granted(mine, "/v1/vote", request, |r| r.granted)
+            .await
     }
 
     pub async fn renew_leases(&self, request: &LeaseRequest) -> Vec<Reply<LeaseResponse>> {
         let mine = Ok(self.me.lease(request));
-        self.ask_all(mine, "/v1/lease", Some(request)).await
+        self.ask_until_granted(mine, "/v1/lease", request, |r| r.granted)
+            .await
     }
 
     pub async fn publish(&self, request: &PublishRequest) -> Vec<Reply<VoterRecord>> {
@@ -115,6 +121,40 @@ impl Peers {
             .await
             .map_err(|_| format!("{member}: no answer within {limit:?}"))?
             .map_err(|e| format!("{member}: {e}"))
+    }
+
+    /// Asks the other voters in parallel until a majority (counting this
+    /// member's answer) granted, or every voter answered or timed out.
+    async fn ask_until_granted<B: Serialize, T: DeserializeOwned>(
+        &self,
+        mine: Reply<T>,
+        path: &str,
+        body: &B,
+        granted: impl Fn(&T) -> bool,
+    ) -> Vec<Reply<T>> {
+        let needed = super::majority(self.count());
+        let mut asks: FuturesUnordered<_> = self
+            .others
+            .iter()
+            .map(|peer| async move {
+                match tokio::time::timeout(self.timeout, self.call(peer, path, Some(body))).await {
+                    Ok(reply) => reply.map_err(|e| format!("{}: {e}", peer.name)),
+                    Err(_) => Err(format!(
+                        "{}: no answer within {:?}",
+                        peer.name, self.timeout
+                    )),
+                }
+            })
+            .collect();
+        let count = |replies: &[Reply<T>]| replies.iter().flatten().filter(|r| granted(r)).count();
+        let mut replies = vec![mine];
+        while count(&replies) < needed {
+            match asks.next().await {
+                Some(reply) => replies.push(reply),
+                None => break,
+            }
+        }
+        replies
     }
 
     /// Asks every other voter in parallel, each bounded by the timeout;

@@ -13,12 +13,37 @@ use super::messages::MemberKind;
 
 const FILE_NAME: &str = "voter-state.json";
 
+/// Milliseconds since the Unix epoch: pending votes must outlive a
+/// restart, so they are kept in wall-clock time.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
+impl VoterRecord {
+    /// A vote for a newer term whose candidate may still be promoting.
+    pub fn pending_vote(&self) -> Option<(u64, &str)> {
+        let until = self.pending_until_ms?;
+        (self.voted_term > self.term && now_ms() < until)
+            .then(|| (self.voted_term, self.voted_for.as_deref().unwrap_or("-")))
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VoterRecord {
     /// Highest term this voter has voted in.
     pub voted_term: u64,
     /// Member it voted for in `voted_term`.
     pub voted_for: Option<String>,
+    /// Until when (Unix ms) the vote in `voted_term` is a failover in
+    /// progress: no other candidate gets a vote and no lease for an older
+    /// term is renewed. Cleared when the term is published or its
+    /// candidate gives up; it runs out so a crashed winner blocks nobody
+    /// for ever.
+    #[serde(default)]
+    pub pending_until_ms: Option<u64>,
     /// Latest published term and its primary node.
     pub term: u64,
     pub primary: Option<String>,
@@ -88,6 +113,7 @@ mod tests {
         let record = VoterRecord {
             voted_term: 3,
             voted_for: Some("p1".into()),
+            pending_until_ms: None,
             term: 2,
             primary: Some("n2".into()),
             member_kinds: [("w1".to_string(), MemberKind::Witness)].into(),

@@ -12,7 +12,10 @@ use super::messages::{
     ElectionReason, LeaseRequest, LeaseResponse, MemberKind, PublishRequest, VoteRequest,
     VoteResponse,
 };
-use super::record::{StateFile, VoterRecord};
+use super::record::{StateFile, VoterRecord, now_ms};
+
+/// Beyond waiting out leases: replay (bounded at 30 s) and promotion.
+const FAILOVER_WORK: Duration = Duration::from_secs(45);
 use crate::events::EventLog;
 use crate::topology::{NodeHealth, TopologyStore};
 
@@ -72,6 +75,7 @@ impl Voter {
             let mut next = record.clone();
             next.voted_term = request.term;
             next.voted_for = Some(request.candidate.clone());
+            next.pending_until_ms = Some(now_ms() + self.failover_window().as_millis() as u64);
             self.file
                 .save(&next)
                 .map_err(|e| format!("cannot persist the vote: {e}"))?;
@@ -108,9 +112,24 @@ impl Voter {
         }
     }
 
+    /// How long a granted vote stays a failover in progress: time to wait
+    /// out old leases (twice, for margin), replay, and promote.
+    pub fn failover_window(&self) -> Duration {
+        self.lease_duration * 2 + FAILOVER_WORK
+    }
+
     fn judge_vote(&self, record: &VoterRecord, request: &VoteRequest) -> Result<(), String> {
         let same_vote = request.term == record.voted_term
             && record.voted_for.as_deref() == Some(&request.candidate);
+        if let Some((term, candidate)) = record.pending_vote()
+            && candidate != request.candidate
+        {
+            // One failover at a time: a second candidate leapfrogging the
+            // first one's term would have both promoting.
+            return Err(format!(
+                "{candidate}'s failover for term {term} is in progress"
+            ));
+        }
         if request.term <= record.voted_term && !same_vote {
             return Err(format!(
                 "already voted in term {} (for {})",
@@ -191,8 +210,8 @@ impl Voter {
     /// unless this voter knows a newer term or voted for one.
     pub fn lease(&self, request: &LeaseRequest) -> LeaseResponse {
         let record = self.lock_record();
-        let refusal = if record.voted_term > request.term {
-            Some(format!("voted in newer term {}", record.voted_term))
+        let refusal = if let Some((term, candidate)) = record.pending_vote() {
+            Some(format!("voted for {candidate} in newer term {term}"))
         } else if record.term != request.term {
             Some(format!("current term is {}", record.term))
         } else if record.primary.as_deref() != Some(request.primary.as_str()) {
@@ -242,12 +261,32 @@ impl Voter {
         let mut next = record.clone();
         next.term = request.term;
         next.primary = Some(request.primary.clone());
-        next.voted_term = next.voted_term.max(request.term);
+        if request.term >= next.voted_term {
+            if request.term > next.voted_term {
+                next.voted_for = None;
+            }
+            next.voted_term = request.term;
+            next.pending_until_ms = None;
+        }
         self.file
             .save(&next)
             .map_err(|e| format!("cannot persist term {}: {e}", request.term))?;
         *record = next;
         Ok(record.clone())
+    }
+
+    /// The candidate of `term` lost its election: its vote no longer
+    /// holds anything up (the term itself stays voted, never reused).
+    pub fn release_vote(&self, term: u64, candidate: &str) {
+        let mut record = self.lock_record();
+        if record.voted_term != term || record.voted_for.as_deref() != Some(candidate) {
+            return;
+        }
+        let mut next = record.clone();
+        next.pending_until_ms = None;
+        if self.file.save(&next).is_ok() {
+            *record = next;
+        }
     }
 
     /// Remembers another member's kind (persisted, best effort).
@@ -331,7 +370,41 @@ mod tests {
         assert!(!second.granted, "a second candidate in the same term");
         let again = v.vote(&request(2, "p1", ElectionReason::Failover));
         assert!(again.granted, "the same candidate may ask again");
+        let leapfrog = v.vote(&request(3, "p2", ElectionReason::Failover));
+        assert!(
+            !leapfrog.granted,
+            "one failover at a time: {}",
+            leapfrog.reason
+        );
+        assert!(
+            leapfrog.reason.contains("in progress"),
+            "{}",
+            leapfrog.reason
+        );
+        v.release_vote(2, "p1");
         assert!(v.vote(&request(3, "p2", ElectionReason::Failover)).granted);
+    }
+
+    #[test]
+    fn a_lapsed_or_released_vote_lets_old_leases_renew_again() {
+        let v = voter();
+        published(&v, 1);
+        let lease = LeaseRequest {
+            term: 1,
+            holder: "p1".into(),
+            primary: "n1".into(),
+        };
+        v.view.set_health(0, NodeHealth::Down("refused".into()));
+        assert!(v.vote(&request(2, "p2", ElectionReason::Failover)).granted);
+        assert!(!v.lease(&lease).granted, "a failover is in progress");
+        v.lock_record().pending_until_ms = Some(now_ms().saturating_sub(1));
+        assert!(
+            v.lease(&lease).granted,
+            "the winner never published: its hold lapsed"
+        );
+        assert!(v.vote(&request(3, "p1", ElectionReason::Failover)).granted);
+        v.release_vote(3, "p1");
+        assert!(v.lease(&lease).granted, "a lost election holds nothing up");
     }
 
     #[test]

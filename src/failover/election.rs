@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use tokio::time::Instant;
 use tokio::time::sleep;
 use tracing::info;
 
@@ -11,10 +12,16 @@ use crate::consensus::majority;
 use crate::consensus::messages::{ElectionReason, PublishRequest, VoteRequest};
 use crate::topology::Topology;
 
+/// Time kept in hand for the promotion itself before a won vote lapses.
+const PROMOTE_MARGIN: Duration = Duration::from_secs(15);
+
 /// A won election.
 pub struct Won {
     /// How long older routing leases granted by the voters still run.
     pub lease_wait: Duration,
+    /// The winner must start promoting before this: past it the voters
+    /// stop holding their votes for it and renew old leases again.
+    pub act_before: Instant,
 }
 
 impl Coordinator {
@@ -106,6 +113,9 @@ impl Coordinator {
             reason,
         };
         let needed = majority(self.peers.count());
+        // Measured from before any voter could have voted, so it ends no
+        // later than any voter's own hold on the vote.
+        let act_before = Instant::now() + self.peers.me().failover_window() - PROMOTE_MARGIN;
         self.note(
             term,
             "vote_requested",
@@ -139,7 +149,10 @@ impl Coordinator {
                 Some(new_primary),
                 format!("{granted} of {} votes ({reason:?})", self.peers.count()),
             );
-            return Ok(Won { lease_wait });
+            return Ok(Won {
+                lease_wait,
+                act_before,
+            });
         }
         let detail = format!(
             "{granted} of {} votes, {needed} needed: {}",
@@ -147,6 +160,8 @@ impl Coordinator {
             refusals.join("; ")
         );
         self.note(term, "election_lost", Some(new_primary), detail.clone());
+        // Our own vote for ourselves must not hold up leases or others.
+        self.peers.me().release_vote(term, &request.candidate);
         // Desynchronize competing candidates before the next attempt.
         let jitter = self.monitor.interval.mul_f64(rand::random::<f64>());
         sleep(jitter).await;

@@ -11,6 +11,7 @@ pub mod node_sql;
 mod procedure;
 mod switchover;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -59,9 +60,9 @@ pub struct Coordinator {
     pub events: Arc<EventLog>,
     pub control: Arc<FailoverControl>,
     pub lease: Arc<LeaseKeeper>,
-    /// The last situation reported, so a standing condition is recorded
-    /// once rather than every second.
-    last_note: Mutex<String>,
+    /// The last situation reported per kind, so a standing condition is
+    /// recorded once rather than every second.
+    last_note: Mutex<HashMap<String, String>>,
     /// Why writes are blocked beyond what the record says (a failover in
     /// progress), set by the procedures.
     blocked: Mutex<Option<String>>,
@@ -98,7 +99,7 @@ impl Coordinator {
             events,
             control: Arc::new(FailoverControl::new(paused)),
             lease,
-            last_note: Mutex::new(String::new()),
+            last_note: Mutex::new(HashMap::new()),
             blocked: Mutex::new(None),
             min_next_term: AtomicU64::new(0),
             drain_timeout,
@@ -213,13 +214,13 @@ impl Coordinator {
         }
     }
 
-    /// Records an event unless it repeats the last one.
+    /// Records an event unless it repeats the last one of its kind.
     fn note(&self, term: u64, kind: &str, node: Option<&str>, detail: String) {
         let mut last = self.last_note.lock().unwrap_or_else(|e| e.into_inner());
-        let key = format!("{term}/{kind}/{detail}");
-        if *last != key {
+        let key = format!("{term}/{detail}");
+        if last.get(kind) != Some(&key) {
             self.events.record(term, kind, node, detail);
-            *last = key;
+            last.insert(kind.to_owned(), key);
         }
     }
 }

@@ -101,9 +101,11 @@ impl Coordinator {
         self.set_blocked(Some(format!(
             "failover from {old_name} to {new_name} in progress"
         )));
-        let result = self
-            .promote_chosen(topology, &chosen, next, won.lease_wait)
-            .await;
+        let result = self.promote_chosen(topology, &chosen, next, &won).await;
+        if result.is_err() {
+            // Give up the term: our own vote must hold nobody up.
+            self.peers.me().release_vote(next, &self.peers.me().name);
+        }
         self.set_blocked(None);
         result?;
         self.publish_term(next, &new_name).await;
@@ -118,8 +120,9 @@ impl Coordinator {
         topology: &Topology,
         chosen: &Candidate,
         term: u64,
-        lease_wait: Duration,
+        won: &super::election::Won,
     ) -> Result<(), String> {
+        let lease_wait = won.lease_wait;
         let node = &topology.nodes[chosen.index].spec;
         let sql = NodeSql {
             node,
@@ -137,6 +140,15 @@ impl Coordinator {
                 lease_wait,
             );
             sleep(lease_wait + LEASE_MARGIN).await;
+        }
+        if Instant::now() >= won.act_before {
+            let detail = format!(
+                "the votes for term {term} lapsed before {} could be promoted",
+                node.name
+            );
+            self.events
+                .record(term, "promote_abandoned", Some(&node.name), detail.clone());
+            return Err(detail);
         }
         if self.newer_term_known(term).await {
             let detail = format!(
