@@ -157,9 +157,6 @@ impl Reload {
 /// Runs the proxy until SIGTERM (drain up to `shutdown_timeout`) or
 /// SIGINT (exit at once); SIGHUP reloads what can change live.
 pub async fn run_proxy(config: ProxyConfig, reload: Reload) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
@@ -200,6 +197,10 @@ pub async fn run_proxy(config: ProxyConfig, reload: Reload) -> anyhow::Result<()
         lease: Some(lease),
     };
     member.serve_admin(&config.member, admin_state).await?;
+    // Bound last: once clients can connect, the admin API answers too.
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
 
     let shutdown_timeout = config.shutdown_timeout;
     let proxy = Proxy::new(
