@@ -97,8 +97,11 @@ impl NodeSql<'_> {
         self.run(&[
             "ALTER SYSTEM SET default_transaction_read_only = on",
             "SELECT pg_reload_conf()",
+            // Monitors (ours and the other members') keep their sessions:
+            // they are what sees the fence holding.
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-             WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
+             WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() \
+             AND application_name NOT LIKE 'pgfailover-%'",
         ])
         .await
     }

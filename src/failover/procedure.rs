@@ -182,8 +182,19 @@ impl Coordinator {
         chosen: &Candidate,
         started: Instant,
     ) {
+        if let (Some(metrics), Some(gap)) = (self.events.metrics(), chosen.gap) {
+            metrics.last_failover_wal_gap_bytes.set(gap as i64);
+        }
+        // The old primary's position is from its last probe, up to one
+        // interval before it failed: a positive difference is a lower
+        // bound of the data at risk, and none proves nothing.
         let gap = match chosen.gap {
-            Some(bytes) => format!("WAL gap {bytes} bytes (data at risk)"),
+            Some(bytes) if bytes > 0 => format!("WAL gap at least {bytes} bytes (data at risk)"),
+            Some(_) => format!(
+                "WAL gap unknown: the old primary was last seen behind the promoted position; \
+                 commits from its last {:?} before failing may be lost",
+                self.monitor.interval
+            ),
             None => "WAL gap unknown (old primary's position never seen)".into(),
         };
         self.events.record_timed(

@@ -61,13 +61,23 @@ impl BackendConn {
 
     /// Runs the startup exchange. Client-bound messages are batched and
     /// flushed whenever the proxy must wait for either side.
+    /// Sends the client's startup packet and waits for the node's first
+    /// bytes. Nothing reaches the client here, so the caller may abandon a
+    /// node that does not answer and try another. Cancel safe in that sense.
+    pub async fn send_startup(&mut self, startup_packet: &[u8]) -> Result<(), SessionError> {
+        self.write(startup_packet).await?;
+        while self.buf.is_empty() {
+            self.read_more().await?;
+        }
+        Ok(())
+    }
+
+    /// Relays the authentication exchange after `send_startup`.
     pub async fn authenticate(
         mut self,
         client: &mut ClientConn,
-        startup_packet: &[u8],
         cancel_map: &Arc<CancelMap>,
     ) -> Result<ReadyBackend, SessionError> {
-        self.write(startup_packet).await?;
         let mut out = BytesMut::with_capacity(1024);
         let mut cancel = None;
         loop {

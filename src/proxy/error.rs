@@ -31,6 +31,11 @@ pub enum SessionError {
     NoRoute(String),
     #[error("backend {node}: {source}")]
     BackendIo { node: String, source: io::Error },
+    #[error("backend {node} did not complete the startup within {waited:?}")]
+    BackendTimeout {
+        node: String,
+        waited: std::time::Duration,
+    },
     #[error("backend {node} closed the connection")]
     BackendClosed { node: String },
     #[error("backend {node} sent a malformed message: {source}")]
@@ -53,6 +58,7 @@ impl SessionError {
             Self::TooManyConnections(_) => "too_many_connections",
             Self::NoRoute(_) => "no_route",
             Self::BackendIo { .. } | Self::BackendClosed { .. } => "backend_io",
+            Self::BackendTimeout { .. } => "backend_timeout",
             Self::BackendProtocol { .. } => "backend_protocol",
             Self::BackendRefused => "backend_refused",
         }
@@ -101,6 +107,10 @@ impl SessionError {
                 "no writable PostgreSQL node is available",
             )
             .with_detail(format!("node states: {states}")),
+            Self::BackendTimeout { node, waited } => ProxyError::fatal(
+                sqlstate::CONNECTION_FAILURE,
+                format!("PostgreSQL node {node} did not answer the startup within {waited:?}"),
+            ),
             Self::BackendIo { node, .. }
             | Self::BackendClosed { node }
             | Self::BackendProtocol { node, .. } => ProxyError::fatal(

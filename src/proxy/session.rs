@@ -9,7 +9,6 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
 use tracing::{Instrument, Span, debug, field, info, info_span, warn};
 
-use super::Proxy;
 use super::backend::{BackendConn, ReadyBackend};
 use super::cancel_map::send_cancel;
 use super::client::ClientConn;
@@ -17,6 +16,7 @@ use super::error::SessionError;
 use super::handshake::{ClientRequest, negotiate};
 use super::relay::{Downstream, RelayEnd, RelayState, relay};
 use super::route::{connect_writable, route_gone};
+use super::{Proxy, SessionLimits};
 use crate::protocol::error_response::{ProxyError, sqlstate};
 use crate::protocol::startup::StartupMessage;
 
@@ -83,22 +83,57 @@ async fn prepare(
     span.record("database", startup.database());
 
     let deadline = Instant::now() + limits.hold_timeout;
-    let route = connect_writable(
-        &proxy.topology,
-        &proxy.metrics,
-        proxy.config.backend_tls.as_ref(),
-        limits.connect_timeout,
-        deadline,
-    )
-    .await?;
-    span.record("node", route.node.name.as_str());
-    let backend = BackendConn::new(route.node, route.term, route.stream);
+    let backend = open_backend(proxy, &startup, &limits, deadline).await?;
+    span.record("node", backend.node.name.as_str());
+    let node = backend.node.name.clone();
     timeout(
         startup_timeout,
-        backend.authenticate(client, &startup.raw, &proxy.cancel_map),
+        backend.authenticate(client, &proxy.cancel_map),
     )
     .await
-    .map_err(|_| SessionError::StartupTimeout(startup_timeout))?
+    .map_err(|_| SessionError::BackendTimeout {
+        node,
+        waited: startup_timeout,
+    })?
+}
+
+/// Routes the session and sends its startup until a node answers. A node
+/// that stops being the routed primary before answering (frozen,
+/// partitioned, failed over) is abandoned for the next one: nothing has
+/// reached the client yet, so the session just carries on elsewhere.
+async fn open_backend(
+    proxy: &Proxy,
+    startup: &StartupMessage,
+    limits: &SessionLimits,
+    deadline: Instant,
+) -> Result<BackendConn, SessionError> {
+    loop {
+        let route = connect_writable(
+            &proxy.topology,
+            &proxy.metrics,
+            proxy.config.backend_tls.as_ref(),
+            limits.connect_timeout,
+            deadline,
+        )
+        .await?;
+        let node = route.node.name.clone();
+        let mut backend = BackendConn::new(route.node, route.term, route.stream);
+        let answered = tokio::select! {
+            sent = timeout(limits.startup_timeout, backend.send_startup(&startup.raw)) => sent,
+            reason = route_gone(&proxy.topology, route.term, &node) => {
+                info!(%node, %reason, "node did not answer before the route changed; routing again");
+                continue;
+            }
+        };
+        return match answered {
+            Ok(Ok(())) => Ok(backend),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(SessionError::BackendTimeout {
+                node,
+                waited: limits.startup_timeout,
+            }),
+        };
+    }
 }
 
 fn admit(
