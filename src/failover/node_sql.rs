@@ -201,6 +201,21 @@ impl NodeSql<'_> {
         self.run(&[&sql]).await
     }
 
+    /// `pg_is_in_recovery()` asked now: false on a writable primary.
+    pub async fn in_recovery(&self) -> Result<bool, String> {
+        let work = async {
+            let client = self.connect().await?;
+            let row = client
+                .query_one("SELECT pg_is_in_recovery()", &[])
+                .await
+                .map_err(|e| describe(&e))?;
+            Ok(row.get(0))
+        };
+        timeout(self.monitor.probe_timeout() * 2, work)
+            .await
+            .map_err(|_| format!("{} did not answer in time", self.node.name))?
+    }
+
     /// CHECKPOINT. A promoted server's control file names its new
     /// timeline only after its next checkpoint, and pg_rewind reads the
     /// timeline there: without one it may find nothing to rewind.

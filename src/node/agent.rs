@@ -13,12 +13,13 @@ use tracing::{info, warn};
 
 use super::local::LocalSql;
 use super::postmaster::Postmaster;
-use super::server::{DataState, Server};
+use super::server::{DataState, Server, Shutdown};
 use super::term::{self, TermView};
 use crate::config::NodeSpec;
 use crate::consensus::Peers;
 use crate::consensus::messages::DemoteRequest;
 use crate::events::EventLog;
+use crate::failover::node_sql::NodeSql;
 use crate::topology::{NodeHealth, TopologyStore};
 
 /// How long a starting server may take to accept connections (crash
@@ -266,14 +267,26 @@ impl Agent {
         let Some(primary) = view.other_primary(self.name()).map(str::to_owned) else {
             return;
         };
-        if self.local.in_recovery().await != Ok(false)
+        // The monitor's view first (no query), then the server itself.
+        if self.health_of(self.name()) != NodeHealth::Primary
             || self.health_of(&primary) != NodeHealth::Primary
+            || self.local.in_recovery().await != Ok(false)
         {
             return;
         }
         let Ok(spec) = self.node_spec(&primary) else {
             return;
         };
+        // The view may be a probe old: during a switchover the old primary
+        // is demoted just before this node is promoted, and the new term
+        // is published just after. Ask the term's primary itself.
+        let sql = NodeSql {
+            node: &spec,
+            monitor: &self.server.config.monitor,
+        };
+        if sql.in_recovery().await != Ok(false) {
+            return;
+        }
         let why = format!(
             "{} was writable while term {} names {primary}, which is up as a primary",
             self.name(),
@@ -281,8 +294,13 @@ impl Agent {
         );
         self.events
             .record(view.term, "stale_primary", Some(self.name()), why.clone());
+        // Immediate: a shutdown checkpoint would recycle the WAL pg_rewind
+        // reads back to the last checkpoint before the divergence; the
+        // rejoin recovers it keeping that WAL (`crash_recover`).
         if let Some(postmaster) = self.postmaster.take()
-            && let Err(e) = postmaster.stop(&self.server).await
+            && let Err(e) = postmaster
+                .stop_with(&self.server, Shutdown::Immediate)
+                .await
         {
             return self.note("stop_failed", e);
         }

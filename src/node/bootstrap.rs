@@ -37,6 +37,12 @@ impl Agent {
             }
             Some(p) => Some(self.node_spec(p)?),
             None if config.role == InitialRole::Standby => config.primary.clone(),
+            None if !view.has_majority() => {
+                return Err(format!(
+                    "only {} of {} voters answered: a new cluster is created only once a majority confirms there is none",
+                    view.answered, view.voters
+                ));
+            }
             None => None,
         };
         self.mark_bootstrap(true)?;

@@ -9,7 +9,7 @@ use tokio::process::Child;
 use tokio::time::{Instant, sleep, timeout};
 
 use super::local::LocalSql;
-use super::server::Server;
+use super::server::{Server, Shutdown};
 
 /// Bound on reaping the postmaster once pg_ctl says it stopped.
 const REAP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -73,8 +73,13 @@ impl Postmaster {
     }
 
     /// Clean stop: `pg_ctl stop -m fast` (final checkpoint), then reap.
-    pub async fn stop(mut self, server: &Server) -> Result<(), String> {
-        let stopped = server.stop_fast().await;
+    pub async fn stop(self, server: &Server) -> Result<(), String> {
+        self.stop_with(server, Shutdown::Fast).await
+    }
+
+    /// `pg_ctl stop` in `mode`, then reap.
+    pub async fn stop_with(mut self, server: &Server, mode: Shutdown) -> Result<(), String> {
+        let stopped = server.pg_ctl_stop(mode).await;
         if stopped.is_ok() {
             let _ = timeout(REAP_TIMEOUT, self.child.wait()).await;
         }

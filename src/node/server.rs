@@ -15,6 +15,15 @@ use crate::config::{NodeConfig, NodeSpec};
 /// directory found with it is half-made and is made again.
 const BOOTSTRAP_MARKER: &str = "bootstrap-in-progress";
 
+/// How the server is stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shutdown {
+    /// Clean: sessions end, a shutdown checkpoint is written.
+    Fast,
+    /// At once, like a crash: no checkpoint, so no WAL is recycled.
+    Immediate,
+}
+
 /// What the data directory holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DataState {
@@ -159,11 +168,21 @@ impl Server {
 
     /// `pg_ctl stop -m fast`: a clean shutdown with a final checkpoint.
     pub async fn stop_fast(&self) -> Result<(), String> {
+        self.pg_ctl_stop(Shutdown::Fast).await
+    }
+
+    pub async fn pg_ctl_stop(&self, mode: Shutdown) -> Result<(), String> {
+        let mode = match mode {
+            Shutdown::Fast => "fast",
+            Shutdown::Immediate => "immediate",
+        };
         let mut cmd = self.program("pg_ctl");
         cmd.arg("-D")
             .arg(self.data())
-            .args(["-m", "fast", "-w", "-t", "300", "stop"]);
-        os::run(&mut cmd, "pg_ctl stop -m fast").await.map(drop)
+            .args(["-m", mode, "-w", "-t", "300", "stop"]);
+        os::run(&mut cmd, &format!("pg_ctl stop -m {mode}"))
+            .await
+            .map(drop)
     }
 
     /// Writes a file of the data directory as postgres's.

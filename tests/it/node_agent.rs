@@ -13,7 +13,7 @@ use serde_json::Value;
 use crate::failover::{create_writes_table, first_write_on, write_once};
 use crate::harness::{
     APP_DB, AgentProcess, CLUSTER_TOKEN, DEADLINE, ProxyProcess, SCRAM_USER, VoterSet, admin_get,
-    admin_send, as_postgres, free_port, kill9_postmaster, pg_bin, wait_until,
+    admin_send, as_postgres, free_port, freeze_postmaster, kill9_postmaster, pg_bin, wait_until,
 };
 use crate::util::connect;
 
@@ -308,6 +308,44 @@ async fn a_primary_that_cannot_rewind_is_cloned_again_and_rejoins() {
             .is_some_and(|d| d.contains("new clone")),
         "{rejoin}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_primary_found_alive_stops_and_rejoins_by_itself() {
+    let c = AgentCluster::start();
+    create_writes_table(&c.dsn()).await;
+    // n1's server stops answering (SIGSTOP) while its agent runs: the
+    // others fail over to n2.
+    let frozen = freeze_postmaster(&c.n1.data_dir());
+    first_write_on(&c.dsn(), "n2", Instant::now()).await;
+    c.wait_for_term(2, "n2");
+    let client = connect(&c.dsn()).await;
+    assert_eq!(write_once(&client).await.expect("write on n2"), "n2");
+
+    // It wakes up writable on the old timeline: its own agent finds it
+    // stale, stops it, rewinds it and makes it a standby of n2.
+    let thawed = Instant::now();
+    frozen.thaw();
+    c.n1.wait_streaming(DEADLINE);
+    println!(
+        "stale primary woken up to streaming from n2: {:?}",
+        thawed.elapsed()
+    );
+    let events = c.n1.events();
+    let stale = find(&events, "stale_primary").unwrap_or_else(|| panic!("{events:?}"));
+    assert_eq!(stale["term"], 2, "{stale}");
+    let rejoin = find(&events, "rejoin").unwrap_or_else(|| panic!("{events:?}"));
+    assert!(
+        rejoin["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("pg_rewind")),
+        "{rejoin}"
+    );
+    assert_eq!(c.n1.psql("postgres", "SELECT pg_is_in_recovery()"), "t");
+    wait_until("n1 holds the rows written on n2", DEADLINE, || {
+        AgentCluster::rows(&c.n1, "n2") == AgentCluster::rows(&c.n2, "n2")
+    });
+    assert_eq!(c.status()["routing_to"], "n2");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

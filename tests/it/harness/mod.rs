@@ -25,7 +25,7 @@ pub use agent::AgentProcess;
 pub use cluster::PgCluster;
 pub use forward::Forwarder;
 pub use members::{VoterSet, WitnessProcess, admin_get, admin_request, admin_send};
-pub use node::{PgNode, kill9_postmaster, postmaster_pid, psql_socket};
+pub use node::{PgNode, freeze_postmaster, kill9_postmaster, postmaster_pid, psql_socket};
 pub use proxy::{ProxiedCluster, ProxyProcess};
 
 /// A login role created in the template, with its password (empty: none).

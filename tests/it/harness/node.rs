@@ -156,14 +156,7 @@ impl PgNode {
     /// refuses. The returned guard sends SIGCONT to all of them when
     /// thawed or dropped, also when a test panics.
     pub fn freeze(&self) -> Frozen {
-        let pid = self.postmaster_pid().expect("postmaster is running");
-        let mut frozen = Frozen { pids: vec![pid] };
-        signal_pid(pid, "STOP");
-        for child in children_of(pid) {
-            signal_pid(child, "STOP");
-            frozen.pids.push(child);
-        }
-        frozen
+        freeze_postmaster(&self.data_dir())
     }
 
     /// Promotes a standby with `SELECT pg_promote()` (waits for completion).
@@ -302,6 +295,19 @@ pub fn postmaster_pid(data_dir: &Path) -> Option<u32> {
     let pid: u32 = text.lines().next()?.trim().parse().ok()?;
     let comm = fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
     (comm.trim() == "postgres").then_some(pid)
+}
+
+/// SIGSTOP of the postmaster on `data_dir` and then of its children
+/// (see `PgNode::freeze`).
+pub fn freeze_postmaster(data_dir: &Path) -> Frozen {
+    let pid = postmaster_pid(data_dir).expect("postmaster is running");
+    let mut frozen = Frozen { pids: vec![pid] };
+    signal_pid(pid, "STOP");
+    for child in children_of(pid) {
+        signal_pid(child, "STOP");
+        frozen.pids.push(child);
+    }
+    frozen
 }
 
 /// `kill -9` of the postmaster on `data_dir`; returns once its orphaned
