@@ -50,8 +50,9 @@ impl Coordinator {
         &self,
         request: &SwitchoverRequest,
     ) -> Result<SwitchoverReport, String> {
-        let plan = self.plan_switchover(&request.to)?;
+        let mut plan = self.plan_switchover(&request.to)?;
         if request.dry_run {
+            plan.dry_run = true;
             return Ok(plan);
         }
         if self.switching.swap(true, Ordering::SeqCst) {

@@ -32,4 +32,5 @@ mod ops;
 mod pgbench;
 mod psycopg;
 mod routing;
+mod switchover;
 mod tls;

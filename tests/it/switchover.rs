@@ -1,0 +1,223 @@
+//! Planned switchover under load: writers loop short transactions through
+//! the proxy and reconnect on a connection error, as the seed's
+//! application does. No acknowledged write is lost, no connection is
+//! refused, the only errors are 57P01 closes, and the old primary follows.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::Mutex;
+use tokio_postgres::Client;
+
+use crate::harness::{
+    APP_DB, AgentProcess, CLUSTER_TOKEN, DEADLINE, ProxyProcess, SCRAM_USER, VoterSet, admin_get,
+    free_port, wait_until,
+};
+use crate::util::try_connect;
+
+/// Node agents n1 (primary) and n2 (standby) and a proxy p1, all voters.
+struct Cluster {
+    proxy: ProxyProcess,
+    n1: AgentProcess,
+    n2: AgentProcess,
+    voters: VoterSet,
+}
+
+impl Cluster {
+    fn start() -> Self {
+        let nodes = [("n1", free_port()), ("n2", free_port())];
+        let voters = VoterSet::new(&["p1", "n1", "n2"]);
+        let n1 = AgentProcess::start("n1", nodes[0].1, "primary", None, &nodes, &voters);
+        let n2 = AgentProcess::start("n2", nodes[1].1, "standby", Some(nodes[0]), &nodes, &voters);
+        let args = voters.args_for("p1");
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let proxy = ProxyProcess::start(&nodes, &args);
+        let c = Self {
+            proxy,
+            n1,
+            n2,
+            voters,
+        };
+        c.wait_routing("n1");
+        c.n2.wait_streaming(DEADLINE);
+        c
+    }
+
+    fn dsn(&self) -> String {
+        self.proxy.dsn(SCRAM_USER.name, SCRAM_USER.password, APP_DB)
+    }
+
+    fn wait_routing(&self, node: &str) {
+        wait_until(&format!("the proxy routes to {node}"), DEADLINE, || {
+            let (_, body) = admin_get(self.voters.admin_port("p1"), "/cluster");
+            serde_json::from_str::<Value>(&body).is_ok_and(|s| s["routing_to"] == node)
+        });
+    }
+
+    /// `pgfailover switchover ARGS` against the proxy; returns stdout.
+    fn switchover(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgfailover"))
+            .arg("switchover")
+            .args(args)
+            .arg("--admin")
+            .arg(format!("http://127.0.0.1:{}", self.voters.admin_port("p1")))
+            .env("PGFAILOVER_CLUSTER_TOKEN", CLUSTER_TOKEN)
+            .output()
+            .expect("run pgfailover switchover");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "switchover {args:?}: {}{stdout}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    }
+}
+
+/// What the writers saw.
+#[derive(Default)]
+struct Ledger {
+    /// Acknowledged ids and the node that took each.
+    acked: BTreeMap<i64, String>,
+    /// SQLSTATE (or text) of every error, with how many times.
+    errors: BTreeMap<String, usize>,
+}
+
+/// One writer: a short write transaction after another, reconnecting
+/// after any error, until `stop`.
+async fn writer(dsn: String, ledger: Arc<Mutex<Ledger>>, stop: Arc<AtomicBool>) {
+    let mut client: Option<Client> = None;
+    while !stop.load(Ordering::Relaxed) {
+        if client.as_ref().is_none_or(Client::is_closed) {
+            match try_connect(&dsn).await {
+                Ok(c) => client = Some(c),
+                Err(e) => {
+                    record_error(&ledger, &e, "connect").await;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            }
+        }
+        let Some(c) = &client else { continue };
+        let sql =
+            "INSERT INTO writes (node) VALUES (current_setting('cluster_name')) RETURNING id, node";
+        match c.query_one(sql, &[]).await {
+            Ok(row) => {
+                ledger.lock().await.acked.insert(row.get(0), row.get(1));
+            }
+            Err(e) => {
+                record_error(&ledger, &e, "write").await;
+                client = None;
+            }
+        }
+    }
+}
+
+async fn record_error(ledger: &Mutex<Ledger>, e: &tokio_postgres::Error, during: &str) {
+    let key = match e.as_db_error() {
+        Some(db) => format!("{during}: {}", db.code().code()),
+        None if e.is_closed() => format!("{during}: closed"),
+        None => format!("{during}: {e}"),
+    };
+    *ledger.lock().await.errors.entry(key).or_default() += 1;
+}
+
+/// Runs writers through a switchover to `to`; returns the ledger and the
+/// pause the command reported.
+async fn switch_under_load(c: &Cluster, to: &str) -> (Ledger, String) {
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..4)
+        .map(|_| tokio::spawn(writer(c.dsn(), Arc::clone(&ledger), Arc::clone(&stop))))
+        .collect();
+    wait_until("the writers are writing", DEADLINE, || {
+        ledger.try_lock().is_ok_and(|l| l.acked.len() > 50)
+    });
+    let report = tokio::task::block_in_place(|| c.switchover(&["--to", to]));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.await.expect("writer");
+    }
+    let ledger = Arc::try_unwrap(ledger)
+        .ok()
+        .expect("writers done")
+        .into_inner();
+    (ledger, report)
+}
+
+fn assert_nothing_lost(ledger: &Ledger, on: &AgentProcess) {
+    let ids = on.psql(APP_DB, "SELECT string_agg(id::text, ',') FROM writes");
+    let present: std::collections::BTreeSet<i64> = ids
+        .split(',')
+        .filter_map(|id| id.trim().parse().ok())
+        .collect();
+    let lost: Vec<&i64> = ledger
+        .acked
+        .keys()
+        .filter(|id| !present.contains(id))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged writes missing on {}: {lost:?}",
+        lost.len(),
+        on.name
+    );
+    for (kind, count) in &ledger.errors {
+        assert!(
+            kind.ends_with("57P01") || kind.ends_with("closed"),
+            "only 57P01 closes may reach clients, got {count} x {kind}: {:?}",
+            ledger.errors
+        );
+    }
+    assert!(
+        !ledger.errors.keys().any(|k| k.starts_with("connect")),
+        "no connection attempt may be refused: {:?}",
+        ledger.errors
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switchover_under_load_loses_no_write_and_refuses_no_connection() {
+    let c = Cluster::start();
+    crate::failover::create_writes_table(&c.dsn()).await;
+
+    let dry = c.switchover(&["--to", "n2", "--dry-run"]);
+    assert!(dry.contains("Would run switchover from n1 to n2"), "{dry}");
+    assert_eq!(
+        c.n2.psql("postgres", "SELECT pg_is_in_recovery()"),
+        "t",
+        "a dry run changes nothing"
+    );
+
+    let (ledger, report) = switch_under_load(&c, "n2").await;
+    println!(
+        "switchover to n2: {report}; {} writes acknowledged; errors {:?}",
+        ledger.acked.len(),
+        ledger.errors
+    );
+    assert!(report.contains("Ran switchover from n1 to n2"), "{report}");
+    assert!(
+        ledger.acked.values().any(|n| n == "n2"),
+        "writes resumed on n2"
+    );
+    assert_nothing_lost(&ledger, &c.n2);
+    c.n1.wait_streaming(DEADLINE);
+
+    // And back.
+    let (ledger, report) = switch_under_load(&c, "n1").await;
+    println!(
+        "switchover back to n1: {report}; {} writes; errors {:?}",
+        ledger.acked.len(),
+        ledger.errors
+    );
+    assert!(
+        ledger.acked.values().any(|n| n == "n1"),
+        "writes resumed on n1"
+    );
+    assert_nothing_lost(&ledger, &c.n1);
+    c.n2.wait_streaming(DEADLINE);
+}
