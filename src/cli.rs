@@ -35,6 +35,9 @@ enum Command {
     /// primary or standby, supervises it, rejoins it after a failover
     /// (pg_rewind), demotes it for a switchover; also a voter.
     Node(Box<NodeOptions>),
+    /// Start a whole cluster on loopback (two node agents, a witness, a
+    /// proxy) from this machine's PostgreSQL; Ctrl-C stops it.
+    Demo(crate::demo::DemoArgs),
     /// Show the cluster like `repmgr cluster show`: nodes, term, voters.
     Status(crate::ops::StatusArgs),
     /// List the cluster's event history (failovers, votes, fences).
@@ -105,6 +108,10 @@ pub fn main() -> ExitCode {
             check_config(args, env)
         }
         Command::Status(args) => crate::ops::status(args),
+        Command::Demo(args) => {
+            logging::init(json, "warn");
+            crate::demo::run(args)
+        }
         Command::Events(args) => crate::ops::events(args),
         Command::Switchover(args) => crate::ops::switchover(args),
         Command::Pause(target) => crate::ops::set_paused(target, true),

@@ -10,6 +10,8 @@
 //! - `node`: the agent beside one PostgreSQL server (bootstrap, rejoin);
 //! - `events`: the decision history; `metrics`: Prometheus metrics;
 //! - `ops`: operator commands (status, events, pause, resume);
+//! - `node`: the agent beside each PostgreSQL server;
+//! - `demo`: a whole local cluster in one command;
 //! - `config`, `cli`, `app`: flags, subcommands and wiring.
 
 pub mod admin;
@@ -17,6 +19,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod consensus;
+pub mod demo;
 pub mod events;
 pub mod failover;
 pub mod logging;

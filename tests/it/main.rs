@@ -20,6 +20,7 @@ mod auth;
 mod cancel;
 mod clients;
 mod copy;
+mod demo;
 mod disconnect;
 mod failover;
 mod failover_data;
