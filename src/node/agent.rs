@@ -134,12 +134,13 @@ impl Agent {
                         _ = stop.cancelled() => break,
                         healthy = step => healthy,
                     };
-                    let pause = if healthy { interval } else { backoff };
-                    if healthy && self.postmaster.is_some() {
+                    let pause = if healthy {
                         backoff = MIN_BACKOFF;
-                    } else if !healthy {
-                        backoff = (backoff * 2).min(MAX_BACKOFF);
-                    }
+                        interval
+                    } else {
+                        let doubled = (backoff * 2).min(MAX_BACKOFF);
+                        std::mem::replace(&mut backoff, doubled)
+                    };
                     next = Instant::now() + pause;
                 }
             }

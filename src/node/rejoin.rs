@@ -97,7 +97,7 @@ impl Agent {
                 Ok(how) => how,
                 Err(reason) => {
                     self.reclone(primary, term, &reason).await?;
-                    "a new clone (pg_rewind failed)".to_owned()
+                    "a new clone (the rewind failed)".to_owned()
                 }
             }
         };

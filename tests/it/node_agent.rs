@@ -154,11 +154,7 @@ async fn agents_bootstrap_a_primary_and_a_standby_that_replicate() {
     // Supervision: a postmaster that dies is started again.
     kill9_postmaster(&c.n2.data_dir());
     c.n2.wait_streaming(DEADLINE);
-    assert!(
-        find(&c.n2.events(), "postgres_exited").is_some(),
-        "{:?}",
-        c.n2.events()
-    );
+    c.n2.wait_event("postgres_exited");
     wait_until("the restarted standby catches up", DEADLINE, || {
         AgentCluster::rows(&c.n2, "n1") == Some(1)
     });
@@ -265,13 +261,13 @@ async fn a_crashed_primary_rejoins_as_a_standby_after_pg_rewind() {
     let (took, writes) = restart_old_primary(&mut c).await;
     println!("old primary's agent restarted to streaming from n2 (pg_rewind): {took:?}");
     assert_rejoined(&c, crashed_at, &writes);
-    let events = c.n1.events();
-    let rejoin = find(&events, "rejoin").unwrap_or_else(|| panic!("no rejoin in {events:?}"));
+    let rejoin = c.n1.wait_event("rejoin");
     let detail = rejoin["detail"].as_str().unwrap_or_default();
     assert!(
         detail.contains("pg_rewind") && detail.contains("n2"),
         "{detail}"
     );
+    let events = c.n1.events();
     assert!(find(&events, "reclone").is_none(), "{events:?}");
     assert!(find(&events, "term_learned").is_some(), "{events:?}");
 }
@@ -294,14 +290,13 @@ async fn a_primary_that_cannot_rewind_is_cloned_again_and_rejoins() {
     let (took, writes) = restart_old_primary(&mut c).await;
     println!("old primary's agent restarted to streaming from n2 (new clone): {took:?}");
     assert_rejoined(&c, crashed_at, &writes);
-    let events = c.n1.events();
-    let reclone = find(&events, "reclone").unwrap_or_else(|| panic!("no reclone in {events:?}"));
+    let reclone = c.n1.wait_event("reclone");
     let detail = reclone["detail"].as_str().unwrap_or_default();
     assert!(
         detail.contains("rewind failed") && detail.contains("cloned it again from n2"),
         "{detail}"
     );
-    let rejoin = find(&events, "rejoin").unwrap_or_else(|| panic!("no rejoin in {events:?}"));
+    let rejoin = c.n1.wait_event("rejoin");
     assert!(
         rejoin["detail"]
             .as_str()
@@ -331,10 +326,9 @@ async fn a_stale_primary_found_alive_stops_and_rejoins_by_itself() {
         "stale primary woken up to streaming from n2: {:?}",
         thawed.elapsed()
     );
-    let events = c.n1.events();
-    let stale = find(&events, "stale_primary").unwrap_or_else(|| panic!("{events:?}"));
+    let stale = c.n1.wait_event("stale_primary");
     assert_eq!(stale["term"], 2, "{stale}");
-    let rejoin = find(&events, "rejoin").unwrap_or_else(|| panic!("{events:?}"));
+    let rejoin = c.n1.wait_event("rejoin");
     assert!(
         rejoin["detail"]
             .as_str()
@@ -395,7 +389,7 @@ async fn demote_makes_the_primary_a_standby_and_sigterm_stops_it_cleanly() {
         n1.try_psql(APP_DB, "SELECT string_agg(v, ',' ORDER BY v) FROM t")
             .is_ok_and(|v| v == "after,before")
     });
-    assert!(find(&n1.events(), "demote").is_some());
+    n1.wait_event("demote");
 
     // SIGTERM: the agent stops its server with a clean shutdown, then exits.
     let status = n1.terminate(Duration::from_secs(60)).expect("agent exits");

@@ -171,6 +171,17 @@ impl AgentProcess {
         serde_json::from_str(&body).expect("events JSON")
     }
 
+    /// The first event of `kind`, waiting for it (an event may be recorded
+    /// a moment after what it reports can be seen).
+    pub fn wait_event(&self, kind: &str) -> Value {
+        let mut found = None;
+        wait_until(&format!("{} records {kind}", self.name), DEADLINE, || {
+            found = self.events().into_iter().find(|e| e["kind"] == kind);
+            found.is_some()
+        });
+        found.unwrap_or_default()
+    }
+
     /// Waits until the agent reports its node streaming (`/replica` 200).
     pub fn wait_streaming(&self, timeout: Duration) {
         wait_until(&format!("{} streams", self.name), timeout, || {
