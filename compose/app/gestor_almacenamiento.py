@@ -17,7 +17,7 @@ is held by the proxy until the new primary is writable, so it lands there.
 It writes one row per WRITE_INTERVAL seconds into the table `registros`
 and logs one line per attempt:
 
-    ... write ok seq=12 id=12 server=postgres_primary ms=3
+    ... write ok seq=12 id=12 server=<node> ms=3
     ... write failed seq=13 error=OperationalError: ...; reconnecting
     ... connected to the database
 

@@ -19,6 +19,7 @@ mod wire;
 mod auth;
 mod cancel;
 mod clients;
+mod compose;
 mod copy;
 mod demo;
 mod disconnect;
