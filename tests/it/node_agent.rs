@@ -17,6 +17,10 @@ use crate::harness::{
 };
 use crate::util::connect;
 
+/// Bound on what initdb, pg_basebackup or pg_rewind take part in: these
+/// write whole data directories, slow on a loaded 2-core machine.
+const SLOW_DEADLINE: Duration = Duration::from_secs(180);
+
 /// Agents n1 (primary) and n2 (standby) from empty data directories and
 /// a proxy p1 in front; all three vote. Field order: the proxy goes
 /// first, then the agents stop their servers.
@@ -42,8 +46,8 @@ impl AgentCluster {
             n2,
             voters,
         };
-        c.wait_for_term(1, "n1");
-        c.n2.wait_streaming(DEADLINE);
+        c.wait_for_term(1, "n1", SLOW_DEADLINE);
+        c.n2.wait_streaming(SLOW_DEADLINE);
         c
     }
 
@@ -67,10 +71,10 @@ impl AgentCluster {
         serde_json::from_str(&body).expect("events JSON")
     }
 
-    fn wait_for_term(&self, term: u64, primary: &str) {
+    fn wait_for_term(&self, term: u64, primary: &str, timeout: Duration) {
         wait_until(
             &format!("term {term} with primary {primary}"),
-            DEADLINE,
+            timeout,
             || {
                 let s = self.status();
                 s["term"] == term && s["routing_to"] == primary
@@ -153,7 +157,7 @@ async fn agents_bootstrap_a_primary_and_a_standby_that_replicate() {
 
     // Supervision: a postmaster that dies is started again.
     kill9_postmaster(&c.n2.data_dir());
-    c.n2.wait_streaming(DEADLINE);
+    c.n2.wait_streaming(SLOW_DEADLINE);
     c.n2.wait_event("postgres_exited");
     wait_until("the restarted standby catches up", DEADLINE, || {
         AgentCluster::rows(&c.n2, "n1") == Some(1)
@@ -177,7 +181,7 @@ async fn crash_the_primary_and_fail_over(c: &mut AgentCluster) -> u64 {
     c.n1.crash();
     let took = first_write_on(&c.dsn(), "n2", crashed).await;
     println!("host crash of the primary to the first write on n2: {took:?}");
-    c.wait_for_term(2, "n2");
+    c.wait_for_term(2, "n2", DEADLINE);
     let client = connect(&c.dsn()).await;
     for _ in 0..20 {
         assert_eq!(write_once(&client).await.expect("write on n2"), "n2");
@@ -203,7 +207,7 @@ async fn restart_old_primary(c: &mut AgentCluster) -> (Duration, Vec<String>) {
     };
     let restarted = Instant::now();
     c.n1.restart();
-    c.n1.wait_streaming(DEADLINE);
+    c.n1.wait_streaming(SLOW_DEADLINE);
     let took = restarted.elapsed();
     stop.store(true, Ordering::Relaxed);
     (took, writer.await.expect("writer"))
@@ -313,7 +317,7 @@ async fn a_stale_primary_found_alive_stops_and_rejoins_by_itself() {
     // others fail over to n2.
     let frozen = freeze_postmaster(&c.n1.data_dir());
     first_write_on(&c.dsn(), "n2", Instant::now()).await;
-    c.wait_for_term(2, "n2");
+    c.wait_for_term(2, "n2", DEADLINE);
     let client = connect(&c.dsn()).await;
     assert_eq!(write_once(&client).await.expect("write on n2"), "n2");
 
@@ -321,7 +325,7 @@ async fn a_stale_primary_found_alive_stops_and_rejoins_by_itself() {
     // stale, stops it, rewinds it and makes it a standby of n2.
     let thawed = Instant::now();
     frozen.thaw();
-    c.n1.wait_streaming(DEADLINE);
+    c.n1.wait_streaming(SLOW_DEADLINE);
     println!(
         "stale primary woken up to streaming from n2: {:?}",
         thawed.elapsed()
@@ -348,7 +352,7 @@ async fn demote_makes_the_primary_a_standby_and_sigterm_stops_it_cleanly() {
     let voters = VoterSet::new(&["n1", "n2"]);
     let mut n1 = AgentProcess::start("n1", nodes[0].1, "primary", None, &nodes, &voters);
     let n2 = AgentProcess::start("n2", nodes[1].1, "standby", Some(nodes[0]), &nodes, &voters);
-    n2.wait_streaming(DEADLINE);
+    n2.wait_streaming(SLOW_DEADLINE);
     n1.psql(
         APP_DB,
         "CREATE TABLE t (v text); INSERT INTO t VALUES ('before')",
