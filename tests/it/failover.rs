@@ -178,20 +178,7 @@ async fn a_restarted_old_primary_is_fenced_and_never_routed() {
 
 /// Runs `pgfailover ARGS` against p1's admin API; returns stdout.
 fn pgfailover(c: &VotingCluster, args: &[&str]) -> String {
-    let admin = format!("http://127.0.0.1:{}", c.voters.admin_port("p1"));
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgfailover"))
-        .args(args)
-        .arg("--admin")
-        .arg(&admin)
-        .env("PGFAILOVER_CLUSTER_TOKEN", crate::harness::CLUSTER_TOKEN)
-        .output()
-        .expect("run pgfailover");
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    crate::harness::pgfailover_cli(c.voters.admin_port("p1"), args)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,7 +3,6 @@
 //! standby of the new one (pg_rewind, or a new clone when rewinding is
 //! impossible), never writable in between.
 
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -12,97 +11,16 @@ use serde_json::Value;
 
 use crate::failover::{create_writes_table, first_write_on, write_once};
 use crate::harness::{
-    APP_DB, AgentProcess, CLUSTER_TOKEN, DEADLINE, ProxyProcess, SCRAM_USER, VoterSet, admin_get,
-    admin_send, as_postgres, free_port, freeze_postmaster, kill9_postmaster, pg_bin, wait_until,
+    APP_DB, AgentCluster, AgentProcess, CLUSTER_TOKEN, DEADLINE, SLOW_DEADLINE, VoterSet,
+    admin_send, as_postgres, free_port, freeze_postmaster, kill9_postmaster, pg_bin,
+    pgfailover_cli, wait_until,
 };
 use crate::util::connect;
 
-/// Bound on what initdb, pg_basebackup or pg_rewind take part in: these
-/// write whole data directories, slow on a loaded 2-core machine.
-const SLOW_DEADLINE: Duration = Duration::from_secs(180);
-
-/// Agents n1 (primary) and n2 (standby) from empty data directories and
-/// a proxy p1 in front; all three vote. Field order: the proxy goes
-/// first, then the agents stop their servers.
-struct AgentCluster {
-    proxy: ProxyProcess,
-    n1: AgentProcess,
-    n2: AgentProcess,
-    voters: VoterSet,
-}
-
-impl AgentCluster {
-    fn start() -> Self {
-        let nodes = [("n1", free_port()), ("n2", free_port())];
-        let voters = VoterSet::new(&["p1", "n1", "n2"]);
-        let n1 = AgentProcess::start("n1", nodes[0].1, "primary", None, &nodes, &voters);
-        let n2 = AgentProcess::start("n2", nodes[1].1, "standby", Some(nodes[0]), &nodes, &voters);
-        let args = voters.args_for("p1");
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let proxy = ProxyProcess::start(&nodes, &args);
-        let c = Self {
-            proxy,
-            n1,
-            n2,
-            voters,
-        };
-        c.wait_for_term(1, "n1", SLOW_DEADLINE);
-        c.n2.wait_streaming(SLOW_DEADLINE);
-        c
-    }
-
-    fn dsn(&self) -> String {
-        self.proxy.dsn(SCRAM_USER.name, SCRAM_USER.password, APP_DB)
-    }
-
-    fn proxy_admin(&self) -> u16 {
-        self.voters.admin_port("p1")
-    }
-
-    /// The proxy's `/cluster` report.
-    fn status(&self) -> Value {
-        let (code, body) = admin_get(self.proxy_admin(), "/cluster");
-        assert_eq!(code, 200, "{body}");
-        serde_json::from_str(&body).expect("cluster JSON")
-    }
-
-    fn proxy_events(&self) -> Vec<Value> {
-        let (_, body) = admin_get(self.proxy_admin(), "/events");
-        serde_json::from_str(&body).expect("events JSON")
-    }
-
-    fn wait_for_term(&self, term: u64, primary: &str, timeout: Duration) {
-        wait_until(
-            &format!("term {term} with primary {primary}"),
-            timeout,
-            || {
-                let s = self.status();
-                s["term"] == term && s["routing_to"] == primary
-            },
-        );
-    }
-
-    /// Rows of `writes` that `node` took, counted on `on`.
-    fn rows(on: &AgentProcess, node: &str) -> Option<u64> {
-        let sql = format!("SELECT count(*) FROM writes WHERE node = '{node}'");
-        on.try_psql(APP_DB, &sql).ok()?.parse().ok()
-    }
-}
-
-/// Runs `pgfailover ARGS --admin http://127.0.0.1:PORT`; returns stdout.
-fn cli(admin_port: u16, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_pgfailover"))
-        .args(args)
-        .arg("--admin")
-        .arg(format!("http://127.0.0.1:{admin_port}"))
-        .output()
-        .expect("run pgfailover");
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+/// Rows of `writes` that `node` took, counted on `on`.
+fn rows(on: &AgentProcess, node: &str) -> Option<u64> {
+    let sql = format!("SELECT count(*) FROM writes WHERE node = '{node}'");
+    on.try_psql(APP_DB, &sql).ok()?.parse().ok()
 }
 
 fn now_ms() -> u64 {
@@ -140,16 +58,17 @@ async fn agents_bootstrap_a_primary_and_a_standby_that_replicate() {
     let client = connect(&c.dsn()).await;
     assert_eq!(write_once(&client).await.expect("write"), "n1");
     wait_until("the write appears on the standby", DEADLINE, || {
-        AgentCluster::rows(&c.n2, "n1") == Some(1)
+        rows(&c.n2, "n1") == Some(1)
     });
 
-    let table = cli(c.proxy_admin(), &["status"]);
+    let table = pgfailover_cli(c.proxy_admin(), &["status"]);
     for wanted in ["n1", "n2", "primary", "standby", "Term 1"] {
         assert!(table.contains(wanted), "{wanted} missing from\n{table}");
     }
     // An agent's own admin API tells the same story.
     let status: Value =
-        serde_json::from_str(&cli(c.n2.admin_port, &["status", "--json"])).expect("status JSON");
+        serde_json::from_str(&pgfailover_cli(c.n2.admin_port, &["status", "--json"]))
+            .expect("status JSON");
     assert_eq!(status["kind"], "node");
     assert_eq!(status["term"], 1);
     assert_eq!(status["primary"], "n1");
@@ -160,7 +79,7 @@ async fn agents_bootstrap_a_primary_and_a_standby_that_replicate() {
     c.n2.wait_streaming(SLOW_DEADLINE);
     c.n2.wait_event("postgres_exited");
     wait_until("the restarted standby catches up", DEADLINE, || {
-        AgentCluster::rows(&c.n2, "n1") == Some(1)
+        rows(&c.n2, "n1") == Some(1)
     });
 }
 
@@ -174,7 +93,7 @@ async fn crash_the_primary_and_fail_over(c: &mut AgentCluster) -> u64 {
         assert_eq!(write_once(&client).await.expect("write on n1"), "n1");
     }
     wait_until("n2 has the rows of n1", DEADLINE, || {
-        AgentCluster::rows(&c.n2, "n1") == Some(10)
+        rows(&c.n2, "n1") == Some(10)
     });
     let crashed_at = now_ms();
     let crashed = Instant::now();
@@ -225,12 +144,12 @@ fn assert_rejoined(c: &AgentCluster, crashed_at: u64, writes_during_rejoin: &[St
     let upstream =
         c.n1.psql("postgres", "SELECT sender_port FROM pg_stat_wal_receiver");
     assert_eq!(upstream, c.n2.pg_port.to_string());
-    let on_n2 = AgentCluster::rows(&c.n2, "n2").expect("rows on n2");
+    let on_n2 = rows(&c.n2, "n2").expect("rows on n2");
     assert!(on_n2 >= 21, "{on_n2}");
     wait_until("n1 holds every row written on n2", DEADLINE, || {
-        AgentCluster::rows(&c.n1, "n2") == Some(on_n2)
+        rows(&c.n1, "n2") == Some(on_n2)
     });
-    assert_eq!(AgentCluster::rows(&c.n1, "n1"), Some(10));
+    assert_eq!(rows(&c.n1, "n1"), Some(10));
 
     wait_until("the proxy sees n1 as a standby", DEADLINE, || {
         let s = c.status();
@@ -341,7 +260,7 @@ async fn a_stale_primary_found_alive_stops_and_rejoins_by_itself() {
     );
     assert_eq!(c.n1.psql("postgres", "SELECT pg_is_in_recovery()"), "t");
     wait_until("n1 holds the rows written on n2", DEADLINE, || {
-        AgentCluster::rows(&c.n1, "n2") == AgentCluster::rows(&c.n2, "n2")
+        rows(&c.n1, "n2") == rows(&c.n2, "n2")
     });
     assert_eq!(c.status()["routing_to"], "n2");
 }

@@ -4,15 +4,16 @@
 use std::fs;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::members::admin_get;
+use super::members::{admin_get, spawn_member};
 use super::node::{kill9_postmaster, postmaster_pid, psql_socket};
+use super::proxy::ProxyProcess;
 use super::{
-    APP_DB, CLUSTER_TOKEN, DEADLINE, MONITOR, REPLICATOR, SCRAM_USER, TempDir, VoterSet, pg_bindir,
+    APP_DB, DEADLINE, MONITOR, REPLICATOR, SCRAM_USER, TempDir, VoterSet, free_port, pg_bindir,
     tail, tcp_dsn, wait_until,
 };
 
@@ -190,32 +191,90 @@ impl AgentProcess {
     }
 }
 
+/// Bound on what initdb, pg_basebackup or pg_rewind take part in: these
+/// write whole data directories, slow on a loaded 2-core machine.
+pub const SLOW_DEADLINE: Duration = Duration::from_secs(180);
+
+/// Agents n1 (primary) and n2 (standby) from empty data directories and
+/// a proxy p1 in front; all three vote. Field order: the proxy goes
+/// first, then the agents stop their servers.
+#[derive(Debug)]
+pub struct AgentCluster {
+    pub proxy: ProxyProcess,
+    pub n1: AgentProcess,
+    pub n2: AgentProcess,
+    pub voters: VoterSet,
+}
+
+impl AgentCluster {
+    pub fn start() -> Self {
+        let nodes = [("n1", free_port()), ("n2", free_port())];
+        let voters = VoterSet::new(&["p1", "n1", "n2"]);
+        let n1 = AgentProcess::start("n1", nodes[0].1, "primary", None, &nodes, &voters);
+        let n2 = AgentProcess::start("n2", nodes[1].1, "standby", Some(nodes[0]), &nodes, &voters);
+        let args = voters.args_for("p1");
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let proxy = ProxyProcess::start(&nodes, &args);
+        let c = Self {
+            proxy,
+            n1,
+            n2,
+            voters,
+        };
+        c.wait_for_term(1, "n1", SLOW_DEADLINE);
+        c.n2.wait_streaming(SLOW_DEADLINE);
+        c
+    }
+
+    pub fn dsn(&self) -> String {
+        self.proxy.dsn(SCRAM_USER.name, SCRAM_USER.password, APP_DB)
+    }
+
+    pub fn proxy_admin(&self) -> u16 {
+        self.voters.admin_port("p1")
+    }
+
+    /// The proxy's `/cluster` report.
+    pub fn status(&self) -> Value {
+        let (code, body) = admin_get(self.proxy_admin(), "/cluster");
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str(&body).expect("cluster JSON")
+    }
+
+    pub fn proxy_events(&self) -> Vec<Value> {
+        let (_, body) = admin_get(self.proxy_admin(), "/events");
+        serde_json::from_str(&body).expect("events JSON")
+    }
+
+    pub fn wait_for_term(&self, term: u64, primary: &str, timeout: Duration) {
+        wait_until(
+            &format!("term {term} with primary {primary}"),
+            timeout,
+            || {
+                let s = self.status();
+                s["term"] == term && s["routing_to"] == primary
+            },
+        );
+    }
+}
+
 fn path_arg(path: &Path) -> String {
     path.to_string_lossy().into_owned()
 }
 
-/// Spawns `pgfailover ARGS` appending its output to `log_path`, with the
-/// secrets in the environment (the seed's variables for the app user).
+/// Spawns `pgfailover node ARGS`: the replication password, and the
+/// seed's variables for the application user and database.
 fn spawn(log_path: &Path, args: &[String]) -> Child {
-    let log = fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log_path)
-        .expect("open agent.log");
-    Command::new(env!("CARGO_BIN_EXE_pgfailover"))
-        .args(args)
-        .env("PGFAILOVER_MONITOR_PASSWORD", MONITOR.password)
-        .env("PGFAILOVER_CLUSTER_TOKEN", CLUSTER_TOKEN)
-        .env("PGFAILOVER_REPLICATION_PASSWORD", REPLICATOR.password)
-        .env("POSTGRES_USER", SCRAM_USER.name)
-        .env("POSTGRES_PASSWORD", SCRAM_USER.password)
-        .env("POSTGRES_DB", APP_DB)
-        .env("RUST_LOG", "debug,tokio_postgres=info,hyper_util=info")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().expect("clone log"))
-        .stderr(log)
-        .spawn()
-        .expect("spawn pgfailover node")
+    spawn_member(
+        log_path,
+        args,
+        &[
+            ("PGFAILOVER_REPLICATION_PASSWORD", REPLICATOR.password),
+            ("POSTGRES_USER", SCRAM_USER.name),
+            ("POSTGRES_PASSWORD", SCRAM_USER.password),
+            ("POSTGRES_DB", APP_DB),
+        ],
+    )
 }
 
 impl Drop for AgentProcess {

@@ -57,23 +57,26 @@ pub struct WitnessProcess {
     args: Vec<String>,
 }
 
-/// Spawns `pgfailover ARGS` appending its output to `log_path`.
-fn spawn_witness(log_path: &std::path::Path, args: &[String]) -> Child {
+/// Spawns `pgfailover ARGS` (a witness, a node agent) appending its
+/// output to `log_path`, with the monitor password, the cluster token
+/// and `env` in its environment.
+pub fn spawn_member(log_path: &std::path::Path, args: &[String], env: &[(&str, &str)]) -> Child {
     let log = fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log_path)
-        .expect("open witness.log");
+        .expect("open the member's log");
     Command::new(env!("CARGO_BIN_EXE_pgfailover"))
         .args(args)
         .env("PGFAILOVER_MONITOR_PASSWORD", MONITOR.password)
         .env("PGFAILOVER_CLUSTER_TOKEN", CLUSTER_TOKEN)
         .env("RUST_LOG", "debug,tokio_postgres=info,hyper_util=info")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("clone log"))
         .stderr(log)
         .spawn()
-        .expect("spawn pgfailover witness")
+        .unwrap_or_else(|e| panic!("spawn pgfailover {args:?}: {e}"))
 }
 
 impl WitnessProcess {
@@ -96,7 +99,7 @@ impl WitnessProcess {
         args.extend(voters.args_for(name));
         args.push("--state-dir".into());
         args.push(dir.path().join("state").to_string_lossy().into_owned());
-        let child = spawn_witness(&dir.path().join("witness.log"), &args);
+        let child = spawn_member(&dir.path().join("witness.log"), &args, &[]);
         let mut witness = Self {
             child,
             admin_port: voters.admin_port(name),
@@ -112,7 +115,7 @@ impl WitnessProcess {
     /// same log.
     pub fn restart(&mut self) {
         self.kill();
-        self.child = spawn_witness(&self.log_path(), &self.args);
+        self.child = spawn_member(&self.log_path(), &self.args, &[]);
         self.wait_listening();
     }
 
@@ -157,6 +160,25 @@ impl Drop for WitnessProcess {
             );
         }
     }
+}
+
+/// Runs `pgfailover ARGS --admin http://127.0.0.1:PORT` (with the
+/// cluster token in its environment) and returns its stdout; panics if
+/// it fails.
+pub fn pgfailover_cli(admin_port: u16, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_pgfailover"))
+        .args(args)
+        .arg("--admin")
+        .arg(format!("http://127.0.0.1:{admin_port}"))
+        .env("PGFAILOVER_CLUSTER_TOKEN", CLUSTER_TOKEN)
+        .output()
+        .expect("run pgfailover");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// GET `path` on a member's admin API: (status code, body). Plain HTTP/1.0

@@ -21,10 +21,12 @@ use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-pub use agent::AgentProcess;
+pub use agent::{AgentCluster, AgentProcess, SLOW_DEADLINE};
 pub use cluster::PgCluster;
 pub use forward::Forwarder;
-pub use members::{VoterSet, WitnessProcess, admin_get, admin_request, admin_send};
+pub use members::{
+    VoterSet, WitnessProcess, admin_get, admin_request, admin_send, pgfailover_cli, spawn_member,
+};
 pub use node::{PgNode, freeze_postmaster, kill9_postmaster, postmaster_pid, psql_socket};
 pub use proxy::{ProxiedCluster, ProxyProcess};
 
