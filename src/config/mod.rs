@@ -90,11 +90,12 @@ pub struct MonitorConfig {
 }
 
 impl MonitorConfig {
-    /// A probe may take up to an interval, never less than a second: one
-    /// slow answer on a loaded machine is not a dead node.
+    /// A probe may take up to an interval, never less than two seconds
+    /// (within `down_after`): one slow answer, or a slow SCRAM login on a
+    /// loaded machine, is not a dead node.
     pub fn probe_timeout(&self) -> Duration {
         self.interval
-            .max(Duration::from_secs(1))
+            .max(Duration::from_secs(2))
             .min(self.down_after)
     }
 }

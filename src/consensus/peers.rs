@@ -74,17 +74,33 @@ impl Peers {
         self.others.iter().map(|v| v.name.as_str())
     }
 
-    /// Stops asking once a majority granted: a frozen or far voter must
-    /// not slow a failover that already has its votes.
+    /// Asks the other voters first and casts this member's own vote last,
+    /// only when it completes a majority: a candidate that cannot win
+    /// leaves no vote of its own standing in another candidate's way.
+    /// Stops asking once enough granted: a frozen or far voter must not
+    /// slow a failover that already has its votes.
     pub async fn request_votes(&self, request: &VoteRequest) -> Vec<Reply<VoteResponse>> {
-        let mine = Ok(self.me.vote(request));
-        self.ask_until_granted(mine, "/v1/vote", request, |r| r.granted)
-            .await
+        let needed = super::majority(self.count());
+        let mut replies = self
+            .ask_until_granted(
+                Vec::new(),
+                "/v1/vote",
+                request,
+                |r: &VoteResponse| r.granted,
+                needed - 1,
+            )
+            .await;
+        let granted = replies.iter().flatten().filter(|r| r.granted).count();
+        if granted + 1 >= needed {
+            replies.insert(0, Ok(self.me.vote(request)));
+        }
+        replies
     }
 
     pub async fn renew_leases(&self, request: &LeaseRequest) -> Vec<Reply<LeaseResponse>> {
-        let mine = Ok(self.me.lease(request));
-        self.ask_until_granted(mine, "/v1/lease", request, |r| r.granted)
+        let mine = vec![Ok(self.me.lease(request))];
+        let needed = super::majority(self.count());
+        self.ask_until_granted(mine, "/v1/lease", request, |r| r.granted, needed)
             .await
     }
 
@@ -123,16 +139,17 @@ impl Peers {
             .map_err(|e| format!("{member}: {e}"))
     }
 
-    /// Asks the other voters in parallel until a majority (counting this
-    /// member's answer) granted, or every voter answered or timed out.
+    /// Asks the other voters in parallel until `needed` replies (counting
+    /// `replies` already in hand) granted, or every voter answered or
+    /// timed out.
     async fn ask_until_granted<B: Serialize, T: DeserializeOwned>(
         &self,
-        mine: Reply<T>,
+        mut replies: Vec<Reply<T>>,
         path: &str,
         body: &B,
         granted: impl Fn(&T) -> bool,
+        needed: usize,
     ) -> Vec<Reply<T>> {
-        let needed = super::majority(self.count());
         let mut asks: FuturesUnordered<_> = self
             .others
             .iter()
@@ -147,7 +164,6 @@ impl Peers {
             })
             .collect();
         let count = |replies: &[Reply<T>]| replies.iter().flatten().filter(|r| granted(r)).count();
-        let mut replies = vec![mine];
         while count(&replies) < needed {
             match asks.next().await {
                 Some(reply) => replies.push(reply),

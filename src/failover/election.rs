@@ -218,12 +218,21 @@ impl Coordinator {
 impl Coordinator {
     /// True when some voter already knows or voted in a term above `term`:
     /// a decision of `term` must then not be executed.
+    /// (A vote released by a candidate that lost is no threat: only a
+    /// published term or a vote still held for a newer term counts.)
     pub(super) async fn newer_term_known(&self, term: u64) -> bool {
         self.peers
             .states()
             .await
             .iter()
             .flatten()
-            .any(|s| s.record.term > term || s.record.voted_term > term)
+            .any(|s| s.record.term > term || s.record.pending_vote().is_some_and(|(t, _)| t > term))
+    }
+
+    /// After giving up `term`, the next attempt uses a newer one: a term
+    /// is won at most once.
+    pub(super) fn skip_term(&self, term: u64) {
+        self.min_next_term
+            .fetch_max(term + 1, std::sync::atomic::Ordering::Relaxed);
     }
 }

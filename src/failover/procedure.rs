@@ -103,8 +103,10 @@ impl Coordinator {
         )));
         let result = self.promote_chosen(topology, &chosen, next, &won).await;
         if result.is_err() {
-            // Give up the term: our own vote must hold nobody up.
+            // Give up the term: our own vote must hold nobody up, and the
+            // next attempt runs under a newer term.
             self.peers.me().release_vote(next, &self.peers.me().name);
+            self.skip_term(next);
         }
         self.set_blocked(None);
         result?;

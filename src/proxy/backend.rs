@@ -61,6 +61,11 @@ impl BackendConn {
 
     /// Runs the startup exchange. Client-bound messages are batched and
     /// flushed whenever the proxy must wait for either side.
+    /// The term the session was routed under.
+    pub fn term(&self) -> u64 {
+        self.term
+    }
+
     /// Sends the client's startup packet and waits for the node's first
     /// bytes. Nothing reaches the client here, so the caller may abandon a
     /// node that does not answer and try another. Cancel safe in that sense.

@@ -40,6 +40,10 @@ pub enum SessionError {
     BackendClosed { node: String },
     #[error("backend {node} sent a malformed message: {source}")]
     BackendProtocol { node: String, source: FrameError },
+    /// The session's route went away during its startup (failover,
+    /// switchover); the reason names the change.
+    #[error("{0}")]
+    RouteGone(String),
     /// The backend refused the session (wrong password, unknown database);
     /// its own ErrorResponse has already been relayed to the client.
     #[error("backend refused the session")]
@@ -59,9 +63,15 @@ impl SessionError {
             Self::NoRoute(_) => "no_route",
             Self::BackendIo { .. } | Self::BackendClosed { .. } => "backend_io",
             Self::BackendTimeout { .. } => "backend_timeout",
+            Self::RouteGone(_) => "route_gone",
             Self::BackendProtocol { .. } => "backend_protocol",
             Self::BackendRefused => "backend_refused",
         }
+    }
+
+    /// The node's connection failed or closed (not a refusal it sent).
+    pub fn is_backend_io(&self) -> bool {
+        matches!(self, Self::BackendIo { .. } | Self::BackendClosed { .. })
     }
 
     /// True for connections turned away by policy or circumstance rather
@@ -107,6 +117,7 @@ impl SessionError {
                 "no writable PostgreSQL node is available",
             )
             .with_detail(format!("node states: {states}")),
+            Self::RouteGone(reason) => ProxyError::fatal(sqlstate::ADMIN_SHUTDOWN, reason.clone()),
             Self::BackendTimeout { node, waited } => ProxyError::fatal(
                 sqlstate::CONNECTION_FAILURE,
                 format!("PostgreSQL node {node} did not answer the startup within {waited:?}"),

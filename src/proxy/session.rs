@@ -20,6 +20,9 @@ use super::{Proxy, SessionLimits};
 use crate::protocol::error_response::{ProxyError, sqlstate};
 use crate::protocol::startup::StartupMessage;
 
+/// Pause before routing again after a node closed a new session.
+const RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Frontend Terminate, sent to a backend whose client vanished.
 const TERMINATE: [u8; 5] = [b'X', 0, 0, 0, 4];
 
@@ -86,15 +89,15 @@ async fn prepare(
     let backend = open_backend(proxy, &startup, &limits, deadline).await?;
     span.record("node", backend.node.name.as_str());
     let node = backend.node.name.clone();
-    timeout(
-        startup_timeout,
-        backend.authenticate(client, &proxy.cancel_map),
-    )
-    .await
-    .map_err(|_| SessionError::BackendTimeout {
-        node,
-        waited: startup_timeout,
-    })?
+    let term = backend.term();
+    // A switchover or failover during the authentication exchange closes
+    // this session like every other on the old primary: with 57P01.
+    tokio::select! {
+        authenticated = timeout(startup_timeout, backend.authenticate(client, &proxy.cancel_map)) => {
+            authenticated.map_err(|_| SessionError::BackendTimeout { node, waited: startup_timeout })?
+        }
+        reason = route_gone(&proxy.topology, term, &node) => Err(SessionError::RouteGone(reason)),
+    }
 }
 
 /// Routes the session and sends its startup until a node answers. A node
@@ -127,6 +130,13 @@ async fn open_backend(
         };
         return match answered {
             Ok(Ok(())) => Ok(backend),
+            Ok(Err(e)) if e.is_backend_io() && Instant::now() < deadline => {
+                // The node went away before answering: nothing reached the
+                // client, so wait for the route to settle and try again.
+                info!(%node, reason = %e, "node closed before answering; routing again");
+                tokio::time::sleep(RETRY_PAUSE).await;
+                continue;
+            }
             Ok(Err(e)) => Err(e),
             Err(_) => Err(SessionError::BackendTimeout {
                 node,
