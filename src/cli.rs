@@ -178,7 +178,11 @@ fn invalid(e: crate::config::ConfigError) -> ExitCode {
     ExitCode::from(2)
 }
 
-fn run(work: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+/// Runs one subcommand's work on a fresh runtime; errors go to stderr
+/// with their causes, and decide the exit code.
+pub(crate) fn run<E: std::fmt::Display>(
+    work: impl std::future::Future<Output = Result<(), E>>,
+) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

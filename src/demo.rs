@@ -86,23 +86,7 @@ impl Layout {
 }
 
 pub fn run(args: DemoArgs) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("pgfailover demo: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(demo(args)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("pgfailover demo: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    crate::cli::run(demo(args))
 }
 
 async fn demo(args: DemoArgs) -> anyhow::Result<()> {

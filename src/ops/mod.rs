@@ -145,22 +145,7 @@ pub fn set_paused(target: AdminTarget, paused: bool) -> ExitCode {
     })
 }
 
+/// The operator commands report errors as text.
 fn run(work: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("pgfailover: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(work) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("pgfailover: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    crate::cli::run(work)
 }

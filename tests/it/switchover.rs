@@ -8,73 +8,44 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use serde_json::Value;
 use tokio::sync::Mutex;
 use tokio_postgres::Client;
 
-use crate::harness::{
-    APP_DB, AgentProcess, CLUSTER_TOKEN, DEADLINE, ProxyProcess, SCRAM_USER, VoterSet, admin_get,
-    free_port, wait_until,
-};
+use crate::harness::{APP_DB, AgentCluster, AgentProcess, CLUSTER_TOKEN, DEADLINE, wait_until};
 use crate::util::try_connect;
 
-/// Node agents n1 (primary) and n2 (standby) and a proxy p1, all voters.
-struct Cluster {
-    proxy: ProxyProcess,
-    n1: AgentProcess,
-    n2: AgentProcess,
-    voters: VoterSet,
+/// `pgfailover switchover ARGS` against the proxy of `c`; returns stdout.
+fn switchover(c: &AgentCluster, args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgfailover"))
+        .arg("switchover")
+        .args(args)
+        .arg("--admin")
+        .arg(format!("http://127.0.0.1:{}", c.proxy_admin()))
+        .env("PGFAILOVER_CLUSTER_TOKEN", CLUSTER_TOKEN)
+        .output()
+        .expect("run pgfailover switchover");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "switchover {args:?}: {}{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
 }
 
-impl Cluster {
-    fn start() -> Self {
-        let nodes = [("n1", free_port()), ("n2", free_port())];
-        let voters = VoterSet::new(&["p1", "n1", "n2"]);
-        let n1 = AgentProcess::start("n1", nodes[0].1, "primary", None, &nodes, &voters);
-        let n2 = AgentProcess::start("n2", nodes[1].1, "standby", Some(nodes[0]), &nodes, &voters);
-        let args = voters.args_for("p1");
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let proxy = ProxyProcess::start(&nodes, &args);
-        let c = Self {
-            proxy,
-            n1,
-            n2,
-            voters,
-        };
-        c.wait_routing("n1");
-        c.n2.wait_streaming(DEADLINE);
-        c
-    }
-
-    fn dsn(&self) -> String {
-        self.proxy.dsn(SCRAM_USER.name, SCRAM_USER.password, APP_DB)
-    }
-
-    fn wait_routing(&self, node: &str) {
-        wait_until(&format!("the proxy routes to {node}"), DEADLINE, || {
-            let (_, body) = admin_get(self.voters.admin_port("p1"), "/cluster");
-            serde_json::from_str::<Value>(&body).is_ok_and(|s| s["routing_to"] == node)
-        });
-    }
-
-    /// `pgfailover switchover ARGS` against the proxy; returns stdout.
-    fn switchover(&self, args: &[&str]) -> String {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgfailover"))
-            .arg("switchover")
-            .args(args)
-            .arg("--admin")
-            .arg(format!("http://127.0.0.1:{}", self.voters.admin_port("p1")))
-            .env("PGFAILOVER_CLUSTER_TOKEN", CLUSTER_TOKEN)
-            .output()
-            .expect("run pgfailover switchover");
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            out.status.success(),
-            "switchover {args:?}: {}{stdout}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        stdout
-    }
+/// The proxy (not only the agent) must see the target as a standby.
+fn wait_proxy_sees_standby(c: &AgentCluster, node: &str) {
+    wait_until(
+        &format!("the proxy sees {node} as a standby"),
+        DEADLINE,
+        || {
+            c.status()["nodes"].as_array().is_some_and(|nodes| {
+                nodes
+                    .iter()
+                    .any(|n| n["name"] == node && n["state"] == "standby")
+            })
+        },
+    );
 }
 
 /// What the writers saw.
@@ -127,7 +98,7 @@ async fn record_error(ledger: &Mutex<Ledger>, e: &tokio_postgres::Error, during:
 
 /// Runs writers through a switchover to `to`; returns the ledger and the
 /// pause the command reported.
-async fn switch_under_load(c: &Cluster, to: &str) -> (Ledger, String) {
+async fn switch_under_load(c: &AgentCluster, to: &str) -> (Ledger, String) {
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let stop = Arc::new(AtomicBool::new(false));
     let writers: Vec<_> = (0..4)
@@ -136,7 +107,7 @@ async fn switch_under_load(c: &Cluster, to: &str) -> (Ledger, String) {
     wait_until("the writers are writing", DEADLINE, || {
         ledger.try_lock().is_ok_and(|l| l.acked.len() > 50)
     });
-    let report = tokio::task::block_in_place(|| c.switchover(&["--to", to]));
+    let report = tokio::task::block_in_place(|| switchover(c, &["--to", to]));
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
     for w in writers {
@@ -182,10 +153,11 @@ fn assert_nothing_lost(ledger: &Ledger, on: &AgentProcess) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switchover_under_load_loses_no_write_and_refuses_no_connection() {
-    let c = Cluster::start();
+    let c = AgentCluster::start();
     crate::failover::create_writes_table(&c.dsn()).await;
+    wait_proxy_sees_standby(&c, "n2");
 
-    let dry = c.switchover(&["--to", "n2", "--dry-run"]);
+    let dry = switchover(&c, &["--to", "n2", "--dry-run"]);
     assert!(dry.contains("Would run switchover from n1 to n2"), "{dry}");
     assert_eq!(
         c.n2.psql("postgres", "SELECT pg_is_in_recovery()"),
@@ -208,6 +180,7 @@ async fn switchover_under_load_loses_no_write_and_refuses_no_connection() {
     c.n1.wait_streaming(DEADLINE);
 
     // And back.
+    wait_proxy_sees_standby(&c, "n1");
     let (ledger, report) = switch_under_load(&c, "n1").await;
     println!(
         "switchover back to n1: {report}; {} writes; errors {:?}",
