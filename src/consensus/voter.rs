@@ -166,6 +166,9 @@ impl Voter {
             return Err(format!("the cluster already has term {}", record.term));
         }
         let view = self.view.load();
+        if let Some(unknown) = view.nodes.iter().find(|n| n.health == NodeHealth::Unknown) {
+            return Err(format!("I have not probed {} yet", unknown.spec.name));
+        }
         let writable: Vec<&str> = view
             .nodes
             .iter()

@@ -10,7 +10,7 @@ use tracing::info;
 use super::{Coordinator, writable_nodes};
 use crate::consensus::majority;
 use crate::consensus::messages::{ElectionReason, PublishRequest, VoteRequest};
-use crate::topology::Topology;
+use crate::topology::{NodeHealth, Topology};
 
 /// Time kept in hand for the promotion itself before a won vote lapses.
 const PROMOTE_MARGIN: Duration = Duration::from_secs(15);
@@ -86,6 +86,11 @@ impl Coordinator {
     /// Cold start: with no recorded term, the single writable node becomes
     /// the primary of term 1 (two writable nodes: refuse and say why).
     pub(super) async fn bootstrap(&self, topology: &Topology) -> Result<(), String> {
+        // Decide only once every node has answered or failed a probe: a
+        // node not probed yet may be a second writable one.
+        if topology.nodes.iter().any(|n| n.health == NodeHealth::Unknown) {
+            return Ok(());
+        }
         let writable = writable_nodes(topology);
         let [node] = writable.as_slice() else {
             return Ok(());

@@ -111,3 +111,33 @@ async fn sigterm_stops_accepting_and_lets_sessions_finish() {
         .expect("proxy exits once drained");
     assert!(status.success(), "{status:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_writable_nodes_and_no_recorded_term_refuse_to_route_and_say_why() {
+    let n1 = crate::harness::PgNode::primary("n1");
+    let n2 = crate::harness::PgNode::primary("n2");
+    let proxy = crate::harness::ProxyProcess::start(
+        &[("n1", n1.port()), ("n2", n2.port())],
+        &["--hold-timeout", "2s"],
+    );
+    let dsn = proxy.dsn(SCRAM_USER.name, SCRAM_USER.password, APP_DB);
+    wait_until("the proxy has probed both nodes", DEADLINE, || {
+        proxy.log().matches("now=primary").count() >= 2
+    });
+    let e = try_connect(&dsn)
+        .await
+        .expect_err("two writable nodes: no route");
+    let db = e
+        .as_db_error()
+        .unwrap_or_else(|| panic!("{}", describe(&e)));
+    assert_eq!(db.code().code(), "57P03");
+    let detail = db.detail().unwrap_or_default();
+    assert!(detail.contains("several writable nodes"), "{detail}");
+    assert!(detail.contains("refusing to guess"), "{detail}");
+    assert_eq!(
+        n1.psql("SELECT pg_is_in_recovery()"),
+        "f",
+        "nothing was demoted or fenced"
+    );
+    assert_eq!(n2.psql("SELECT pg_is_in_recovery()"), "f");
+}
