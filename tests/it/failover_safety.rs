@@ -599,7 +599,7 @@ async fn without_a_majority_the_primary_is_not_replaced_until_the_witness_return
     let lost = kind_is(&events, "election_lost");
     let why = lost
         .iter()
-        .find(|e| detail(e).contains("1 of 2 votes"))
+        .find(|e| detail(e).contains("0 of 2 votes"))
         .expect("election lost");
     assert!(detail(why).contains("2 needed"), "{why}");
     assert!(detail(why).contains("w1"), "{why}");
