@@ -173,7 +173,15 @@ impl Coordinator {
             format!("{} promoted", node.name),
             promote_started.elapsed(),
         );
+        self.mark_promoted(chosen.index);
         Ok(())
+    }
+
+    /// The promotion was just verified (`pg_is_in_recovery()` is false):
+    /// say so now rather than wait up to a monitor interval for the next
+    /// probe, so held sessions flow as soon as the term is published.
+    pub(super) fn mark_promoted(&self, index: usize) {
+        self.topology.set_health(index, NodeHealth::Primary);
     }
 
     fn report_failover(

@@ -157,6 +157,7 @@ impl Coordinator {
         self.elect(next, ElectionReason::Switchover, Some(&plan.from), &plan.to)
             .await?;
         sql.promote().await?;
+        self.mark_promoted(target);
         self.publish_term(next, &plan.to).await;
         plan.term = next;
         plan.final_lsn = Some(final_lsn);

@@ -19,6 +19,9 @@ max_wal_senders = 10
 max_replication_slots = 10
 hot_standby = on
 wal_log_hints = on
+# A standby whose primary died retries every second, not every five:
+# a promotion waits for the current retry to end.
+wal_retrieve_retry_interval = 1s
 password_encryption = 'scram-sha-256'
 ";
 
