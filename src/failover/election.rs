@@ -88,7 +88,11 @@ impl Coordinator {
     pub(super) async fn bootstrap(&self, topology: &Topology) -> Result<(), String> {
         // Decide only once every node has answered or failed a probe: a
         // node not probed yet may be a second writable one.
-        if topology.nodes.iter().any(|n| n.health == NodeHealth::Unknown) {
+        if topology
+            .nodes
+            .iter()
+            .any(|n| n.health == NodeHealth::Unknown)
+        {
             return Ok(());
         }
         let writable = writable_nodes(topology);
