@@ -172,7 +172,9 @@ impl Coordinator {
         // Our own vote for ourselves must not hold up leases or others.
         self.peers.me().release_vote(term, &request.candidate);
         // Desynchronize competing candidates before the next attempt.
-        let jitter = self.monitor.interval.mul_f64(rand::random::<f64>());
+        // A short random pause keeps competing candidates from asking in
+        // lockstep without delaying the next attempt much.
+        let jitter = self.monitor.interval.mul_f64(rand::random::<f64>() * 0.2);
         sleep(jitter).await;
         Err(detail)
     }

@@ -28,6 +28,9 @@ use crate::proxy::Sessions;
 use crate::topology::{NodeHealth, Topology, TopologyStore};
 
 pub use lease::LeaseKeeper;
+
+/// How soon the coordinator looks again after a failed step.
+const RETRY_SOON: Duration = Duration::from_millis(150);
 pub use switchover::{SwitchoverReport, SwitchoverRequest};
 
 /// Operator switch for automatic failover (`pause` / `resume`).
@@ -115,9 +118,16 @@ impl Coordinator {
         loop {
             self.sync_term().await;
             self.refresh_route();
-            if let Err(e) = self.step().await {
-                warn!(error = %e, "coordinator step failed");
-            }
+            // After a failed step (typically an election lost because a
+            // voter's own probe has not yet seen the primary go), look
+            // again soon: the other voters' views change without waking us.
+            let pause = match self.step().await {
+                Ok(()) => self.monitor.interval,
+                Err(e) => {
+                    warn!(error = %e, "coordinator step failed");
+                    RETRY_SOON.min(self.monitor.interval)
+                }
+            };
             self.refresh_route();
             let lease_end = self
                 .lease
@@ -126,7 +136,7 @@ impl Coordinator {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = changes.changed() => {}
-                _ = sleep(self.monitor.interval) => {}
+                _ = sleep(pause) => {}
                 _ = sleep_until(lease_end) => {}
                 _ = self.lease.changed() => {}
             }

@@ -28,8 +28,25 @@ impl Coordinator {
         term: u64,
     ) -> Result<(), String> {
         let old_name = topology.nodes[old].spec.name.clone();
+        // Only a node promoted *after* the old primary can be adopted: a
+        // fenced node, or one on an older timeline, is a stale primary
+        // whose data the cluster has moved past.
+        let statuses = self.topology.statuses();
+        let old_timeline = statuses
+            .get(old)
+            .cloned()
+            .flatten()
+            .and_then(|s| s.timeline);
         let writable: Vec<usize> = (0..topology.nodes.len())
             .filter(|i| *i != old && topology.nodes[*i].health == NodeHealth::Primary)
+            .filter(|i| {
+                statuses.get(*i).cloned().flatten().is_some_and(|s| {
+                    !s.read_only
+                        && s.timeline
+                            .zip(old_timeline)
+                            .is_none_or(|(new, old)| new > old)
+                })
+            })
             .collect();
         match writable.as_slice() {
             [new] => self.adopt(topology, &old_name, *new, term).await,
