@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Secret;
 use crate::consensus::Peers;
 use crate::consensus::messages::{
-    LeaseRequest, MemberKind, PublishRequest, StateResponse, VoteRequest,
+    LeaseRequest, MemberKind, PublishRequest, ReleaseRequest, StateResponse, VoteRequest,
 };
 use crate::events::EventLog;
 use crate::failover::{Coordinator, FailoverControl, LeaseKeeper, SwitchoverRequest};
@@ -56,6 +56,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/v1/vote", post(vote))
         .route("/v1/lease", post(lease))
         .route("/v1/publish", post(publish))
+        .route("/v1/release", post(release))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&state),
             require_token,
@@ -212,6 +213,14 @@ async fn vote(State(state): Shared, Json(request): Json<VoteRequest>) -> Respons
 
 async fn lease(State(state): Shared, Json(request): Json<LeaseRequest>) -> Response {
     Json(state.peers.me().lease(&request)).into_response()
+}
+
+async fn release(State(state): Shared, Json(request): Json<ReleaseRequest>) -> Response {
+    state
+        .peers
+        .me()
+        .release_vote(request.term, &request.candidate);
+    Json(serde_json::json!({ "released": request.term })).into_response()
 }
 
 async fn publish(State(state): Shared, Json(request): Json<PublishRequest>) -> Response {

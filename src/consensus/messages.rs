@@ -98,3 +98,10 @@ pub struct DemoteResponse {
     /// primary must have replayed it before promotion.
     pub final_lsn: String,
 }
+
+/// A candidate that lost (or gave up) `term` frees the votes it got.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReleaseRequest {
+    pub term: u64,
+    pub candidate: String,
+}

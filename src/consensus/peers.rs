@@ -18,7 +18,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::messages::{
-    LeaseRequest, LeaseResponse, PublishRequest, StateResponse, VoteRequest, VoteResponse,
+    LeaseRequest, LeaseResponse, PublishRequest, ReleaseRequest, StateResponse, VoteRequest,
+    VoteResponse,
 };
 use super::record::VoterRecord;
 use super::voter::Voter;
@@ -102,6 +103,23 @@ impl Peers {
         let needed = super::majority(self.count());
         self.ask_until_granted(mine, "/v1/lease", request, |r| r.granted, needed)
             .await
+    }
+
+    /// Frees the votes this member got for `term` on every voter (best
+    /// effort): a lost election must not hold up the next one.
+    pub async fn release_votes(&self, term: u64) {
+        self.me.release_vote(term, &self.me.name);
+        let request = ReleaseRequest {
+            term,
+            candidate: self.me.name.clone(),
+        };
+        let _ = self
+            .ask_all::<_, serde_json::Value>(
+                Ok(serde_json::Value::Null),
+                "/v1/release",
+                Some(&request),
+            )
+            .await;
     }
 
     pub async fn publish(&self, request: &PublishRequest) -> Vec<Reply<VoterRecord>> {

@@ -33,7 +33,14 @@ impl Coordinator {
         }
         let me = self.peers.me();
         let mine = me.record();
+        let mut other_pending = false;
         for state in self.peers.states().await.into_iter().flatten() {
+            // Another candidate holds votes for a newer term: its failover
+            // is under way, and competing with it only delays both.
+            other_pending |= state
+                .record
+                .pending_vote()
+                .is_some_and(|(term, candidate)| candidate != me.name && term > mine.term);
             if state.voter != me.name {
                 me.remember_kind(&state.voter, state.kind);
                 self.lease.learn_kind(&state.voter, state.kind);
@@ -61,6 +68,8 @@ impl Coordinator {
                 }
             }
         }
+        self.other_failover_pending
+            .store(other_pending, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The term of the next election: after the published one, and past
@@ -169,12 +178,11 @@ impl Coordinator {
             refusals.join("; ")
         );
         self.note(term, "election_lost", Some(new_primary), detail.clone());
-        // Our own vote for ourselves must not hold up leases or others.
-        self.peers.me().release_vote(term, &request.candidate);
+        // The votes we did get must not hold up leases or other candidates.
+        self.peers.release_votes(term).await;
         // Desynchronize competing candidates before the next attempt.
-        // A short random pause keeps competing candidates from asking in
-        // lockstep without delaying the next attempt much.
-        let jitter = self.monitor.interval.mul_f64(rand::random::<f64>() * 0.2);
+        // A random pause keeps competing candidates from asking in lockstep.
+        let jitter = self.monitor.interval.mul_f64(rand::random::<f64>());
         sleep(jitter).await;
         Err(detail)
     }

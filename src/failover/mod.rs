@@ -28,9 +28,6 @@ use crate::proxy::Sessions;
 use crate::topology::{NodeHealth, Topology, TopologyStore};
 
 pub use lease::LeaseKeeper;
-
-/// How soon the coordinator looks again after a failed step.
-const RETRY_SOON: Duration = Duration::from_millis(150);
 pub use switchover::{SwitchoverReport, SwitchoverRequest};
 
 /// Operator switch for automatic failover (`pause` / `resume`).
@@ -73,6 +70,9 @@ pub struct Coordinator {
     pub sessions: Arc<Sessions>,
     /// A switchover is running: the automatic steps stand aside.
     switching: AtomicBool,
+    /// Another proxy's failover holds votes (seen by `sync_term`): this
+    /// one stands aside rather than compete.
+    other_failover_pending: AtomicBool,
     /// New sessions wait while a switchover drains.
     holding: AtomicBool,
     /// How long a switchover lets open transactions finish by default.
@@ -108,6 +108,7 @@ impl Coordinator {
             drain_timeout,
             sessions,
             switching: AtomicBool::new(false),
+            other_failover_pending: AtomicBool::new(false),
             holding: AtomicBool::new(false),
         })
     }
@@ -118,16 +119,9 @@ impl Coordinator {
         loop {
             self.sync_term().await;
             self.refresh_route();
-            // After a failed step (typically an election lost because a
-            // voter's own probe has not yet seen the primary go), look
-            // again soon: the other voters' views change without waking us.
-            let pause = match self.step().await {
-                Ok(()) => self.monitor.interval,
-                Err(e) => {
-                    warn!(error = %e, "coordinator step failed");
-                    RETRY_SOON.min(self.monitor.interval)
-                }
-            };
+            if let Err(e) = self.step().await {
+                warn!(error = %e, "coordinator step failed");
+            }
             self.refresh_route();
             let lease_end = self
                 .lease
@@ -136,7 +130,7 @@ impl Coordinator {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = changes.changed() => {}
-                _ = sleep(pause) => {}
+                _ = sleep(self.monitor.interval) => {}
                 _ = sleep_until(lease_end) => {}
                 _ = self.lease.changed() => {}
             }
@@ -213,6 +207,18 @@ impl Coordinator {
             return Ok(());
         };
         match &topology.nodes[primary].health {
+            NodeHealth::Down(_) if self.other_failover_pending.load(Ordering::Relaxed) => {
+                self.note(
+                    record.term,
+                    "failover_elsewhere",
+                    None,
+                    format!(
+                        "primary {} is down; another proxy's failover holds the votes",
+                        topology.nodes[primary].spec.name
+                    ),
+                );
+                Ok(())
+            }
             NodeHealth::Down(_) => self.replace_primary(&topology, primary, record.term).await,
             NodeHealth::Primary => {
                 self.fence_stale_primaries(&topology, primary, record.term)

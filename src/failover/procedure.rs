@@ -122,7 +122,7 @@ impl Coordinator {
         if result.is_err() {
             // Give up the term: our own vote must hold nobody up, and the
             // next attempt runs under a newer term.
-            self.peers.me().release_vote(next, &self.peers.me().name);
+            self.peers.release_votes(next).await;
             self.skip_term(next);
         }
         self.set_blocked(None);
