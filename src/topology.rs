@@ -91,6 +91,12 @@ impl Topology {
         (node.health == NodeHealth::Primary).then_some(&node.spec)
     }
 
+    /// True while new sessions routed to `node` under `term` may start:
+    /// it is still the writable node and no switchover holds routing.
+    pub fn routes_new_sessions(&self, term: u64, node: &str) -> bool {
+        self.term == term && self.writable().is_some_and(|n| n.name == node)
+    }
+
     /// True while sessions routed to `node` under `term` may go on.
     /// Health is not part of it: a slow probe must not close sessions.
     pub fn still_routes(&self, term: u64, node: &str) -> bool {

@@ -16,6 +16,7 @@ use super::error::SessionError;
 use super::handshake::{ClientRequest, negotiate};
 use super::relay::{Downstream, RelayEnd, RelayState, relay};
 use super::route::{connect_writable, route_gone};
+use super::sessions::Registration;
 use super::{Proxy, SessionLimits};
 use crate::protocol::error_response::{ProxyError, sqlstate};
 use crate::protocol::startup::StartupMessage;
@@ -50,8 +51,8 @@ pub async fn serve(proxy: Arc<Proxy>, stream: TcpStream, peer: SocketAddr, admis
     async move {
         let _open = OpenSession::new(&proxy, &admission);
         let mut client = ClientConn::new(stream);
-        match prepare(&proxy, &mut client, &admission).await {
-            Ok(ready) => relay_session(&proxy, id, client, ready).await,
+        match prepare(&proxy, id, &mut client, &admission).await {
+            Ok((ready, registration)) => relay_session(&proxy, client, ready, registration).await,
             Err(e) => refuse(&proxy, &mut client, e).await,
         }
     }
@@ -62,9 +63,10 @@ pub async fn serve(proxy: Arc<Proxy>, stream: TcpStream, peer: SocketAddr, admis
 /// Everything before the relay: negotiate, admit, route, authenticate.
 async fn prepare(
     proxy: &Proxy,
+    session_id: u64,
     client: &mut ClientConn,
     admission: &Admission,
-) -> Result<ReadyBackend, SessionError> {
+) -> Result<(ReadyBackend, Registration), SessionError> {
     let limits = proxy.limits();
     let startup_timeout = limits.startup_timeout;
     let request = timeout(startup_timeout, negotiate(client, &proxy.config.tls))
@@ -86,7 +88,8 @@ async fn prepare(
     span.record("database", startup.database());
 
     let deadline = Instant::now() + limits.hold_timeout;
-    let backend = open_backend(proxy, &startup, &limits, deadline).await?;
+    let (backend, registration) =
+        open_backend(proxy, session_id, &startup, &limits, deadline).await?;
     span.record("node", backend.node.name.as_str());
     let node = backend.node.name.clone();
     let term = backend.term();
@@ -94,7 +97,8 @@ async fn prepare(
     // this session like every other on the old primary: with 57P01.
     tokio::select! {
         authenticated = timeout(startup_timeout, backend.authenticate(client, &proxy.cancel_map)) => {
-            authenticated.map_err(|_| SessionError::BackendTimeout { node, waited: startup_timeout })?
+            let ready = authenticated.map_err(|_| SessionError::BackendTimeout { node, waited: startup_timeout })??;
+            Ok((ready, registration))
         }
         reason = route_gone(&proxy.topology, term, &node) => Err(SessionError::RouteGone(reason)),
     }
@@ -104,12 +108,17 @@ async fn prepare(
 /// that stops being the routed primary before answering (frozen,
 /// partitioned, failed over) is abandoned for the next one: nothing has
 /// reached the client yet, so the session just carries on elsewhere.
+///
+/// The session is registered on its node before anything is sent, busy
+/// until its first ReadyForQuery, so that a switchover's drain waits for
+/// an authentication under way instead of cutting it with 57P01.
 async fn open_backend(
     proxy: &Proxy,
+    session_id: u64,
     startup: &StartupMessage,
     limits: &SessionLimits,
     deadline: Instant,
-) -> Result<BackendConn, SessionError> {
+) -> Result<(BackendConn, Registration), SessionError> {
     loop {
         let route = connect_writable(
             &proxy.topology,
@@ -120,6 +129,13 @@ async fn open_backend(
         )
         .await?;
         let node = route.node.name.clone();
+        let registration = proxy.sessions.register(session_id, &node);
+        if !proxy.topology.load().routes_new_sessions(route.term, &node) {
+            // A switchover began between routing and registering: its
+            // drain may not have seen this session, so wait for its end.
+            debug!(%node, "routing paused after connecting; routing again");
+            continue;
+        }
         let mut backend = BackendConn::new(route.node, route.term, route.stream);
         let answered = tokio::select! {
             sent = timeout(limits.startup_timeout, backend.send_startup(&startup.raw)) => sent,
@@ -129,7 +145,7 @@ async fn open_backend(
             }
         };
         return match answered {
-            Ok(Ok(())) => Ok(backend),
+            Ok(Ok(())) => Ok((backend, registration)),
             Ok(Err(e)) if e.is_backend_io() && Instant::now() < deadline => {
                 // The node went away before answering: nothing reached the
                 // client, so wait for the route to settle and try again.
@@ -166,11 +182,15 @@ fn admit(
     Ok(())
 }
 
-async fn relay_session(proxy: &Proxy, session_id: u64, client: ClientConn, ready: ReadyBackend) {
+async fn relay_session(
+    proxy: &Proxy,
+    client: ClientConn,
+    ready: ReadyBackend,
+    registration: Registration,
+) {
     debug!("session ready");
     let (mut client, client_pending) = client.into_parts();
     let mut backend = ready.stream;
-    let registration = proxy.sessions.register(session_id, &ready.node.name);
     let status = &registration.status;
     status.set(ready.status.as_byte());
     let mut downstream = Downstream::default();
