@@ -192,7 +192,7 @@ async fn switchover(State(state): Shared, Json(request): Json<SwitchoverRequest>
         Ok(report) => Json(report).into_response(),
         Err(reason) => (
             StatusCode::CONFLICT,
-            format!("switchover refused: {reason}\n"),
+            format!("switchover not done: {reason}\n"),
         )
             .into_response(),
     }

@@ -184,12 +184,13 @@ impl Voter {
     }
 
     /// Visibility consensus: a voter that still sees the primary says no.
+    /// A primary in recovery (demoted) takes no writes: it is replaced.
     fn judge_primary_down(&self, old: &str) -> Result<(), String> {
         let view = self.view.load();
         let Some(node) = view.nodes.iter().find(|n| n.spec.name == old) else {
             return Err(format!("{old} is not a node I know"));
         };
-        if node.health.is_down() {
+        if node.health.is_down() || node.health == NodeHealth::Standby {
             Ok(())
         } else {
             Err(format!("I still see {old} as {}", node.health))
@@ -361,6 +362,17 @@ mod tests {
         assert!(r.reason.contains("still see n1"), "{}", r.reason);
         v.view.set_health(0, NodeHealth::Down("refused".into()));
         assert!(v.vote(&request(2, "p1", ElectionReason::Failover)).granted);
+    }
+
+    #[test]
+    fn grants_when_the_primary_is_in_recovery() {
+        let v = voter();
+        published(&v, 1);
+        v.view.set_health(0, NodeHealth::Suspect("timeout".into()));
+        assert!(!v.vote(&request(2, "p1", ElectionReason::Failover)).granted);
+        v.view.set_health(0, NodeHealth::Standby);
+        let r = v.vote(&request(2, "p1", ElectionReason::Failover));
+        assert!(r.granted, "a demoted primary takes no writes: {}", r.reason);
     }
 
     #[test]

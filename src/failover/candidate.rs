@@ -17,7 +17,8 @@ pub struct Candidate {
 }
 
 /// Picks the standby to promote in place of node `old`, or says why none
-/// qualifies. Ties go to the node listed first.
+/// qualifies. Ties go to the old primary (when demoted), then to the node
+/// listed first.
 pub fn pick(
     nodes: &[NodeState],
     statuses: &[Option<NodeStatus>],
@@ -29,13 +30,20 @@ pub fn pick(
     let mut refusals = Vec::new();
     let mut best: Option<Candidate> = None;
     for (index, node) in nodes.iter().enumerate() {
-        if index == old {
-            continue;
-        }
+        // The old primary itself only when it was demoted: in recovery it
+        // still holds every record it wrote.
+        let reference = if index == old {
+            if node.health != NodeHealth::Standby {
+                continue;
+            }
+            Reference::Itself
+        } else {
+            Reference::OldPrimary(old_status)
+        };
         match qualify(
             node,
             statuses.get(index).and_then(Option::as_ref),
-            old_status,
+            reference,
             config,
         ) {
             Ok(position) => {
@@ -47,7 +55,12 @@ pub fn pick(
                     ));
                     continue;
                 }
-                if best.as_ref().is_none_or(|b| position > b.position) {
+                // On a tie the demoted old primary wins: promoting it
+                // forks no timeline.
+                let better = best.as_ref().is_none_or(|b| {
+                    position > b.position || (position == b.position && index == old)
+                });
+                if better {
                     best = Some(Candidate {
                         index,
                         position,
@@ -61,16 +74,30 @@ pub fn pick(
     best.ok_or_else(|| format!("no standby can be promoted ({})", refusals.join("; ")))
 }
 
+/// What a candidate is checked against.
+#[derive(Clone, Copy)]
+enum Reference<'a> {
+    /// The old primary's last status, when it was ever seen.
+    OldPrimary(Option<&'a NodeStatus>),
+    /// The candidate is the old primary, demoted: nothing to compare.
+    Itself,
+}
+
 fn qualify(
     node: &NodeState,
     status: Option<&NodeStatus>,
-    old: Option<&NodeStatus>,
+    reference: Reference<'_>,
     config: &FailoverConfig,
 ) -> Result<Lsn, String> {
     if node.health != NodeHealth::Standby {
         return Err(format!("is {}", node.health));
     }
     let status = status.ok_or("no status yet")?;
+    let Reference::OldPrimary(old) = reference else {
+        return status
+            .wal_position()
+            .ok_or_else(|| "no WAL position".into());
+    };
     if let Some(old) = old {
         if old.system_id.is_some() && status.system_id != old.system_id {
             return Err("different system identifier".into());
@@ -193,5 +220,22 @@ mod tests {
         let statuses = vec![primary(5000, "n2"), standby(4000), other, forked];
         let c = pick(&nodes, &statuses, 0, &config(false)).expect("n2 only");
         assert_eq!(c.index, 1);
+    }
+
+    #[test]
+    fn a_demoted_old_primary_is_a_candidate_even_in_synchronous_mode() {
+        let mut nodes = cluster();
+        nodes[0].health = NodeHealth::Standby;
+        let statuses = vec![standby(5000), standby(4000), standby(4500)];
+        for synchronous in [false, true] {
+            let c = pick(&nodes, &statuses, 0, &config(synchronous)).expect("n1 itself");
+            assert_eq!((c.index, c.gap), (0, Some(0)));
+        }
+        nodes.swap(0, 1);
+        let statuses = vec![standby(5000), standby(5000), standby(4500)];
+        for synchronous in [false, true] {
+            let c = pick(&nodes, &statuses, 1, &config(synchronous)).expect("n1 itself");
+            assert_eq!(c.index, 1, "the old primary wins a tie");
+        }
     }
 }

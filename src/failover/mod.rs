@@ -5,6 +5,7 @@
 //! term, and fences any other writable node.
 
 mod candidate;
+mod demoted;
 mod election;
 mod lease;
 pub mod node_sql;
@@ -80,6 +81,8 @@ pub struct Coordinator {
     /// Lowest term the next election may use (terms other candidates
     /// already hold votes in are skipped).
     min_next_term: AtomicU64,
+    /// Since when the term's primary answers as a standby.
+    demoted_since: demoted::DemotedSince,
 }
 
 impl Coordinator {
@@ -110,6 +113,7 @@ impl Coordinator {
             switching: AtomicBool::new(false),
             other_failover_pending: AtomicBool::new(false),
             holding: AtomicBool::new(false),
+            demoted_since: demoted::DemotedSince::default(),
         })
     }
 
@@ -220,7 +224,12 @@ impl Coordinator {
                 Ok(())
             }
             NodeHealth::Down(_) => self.replace_primary(&topology, primary, record.term).await,
+            NodeHealth::Standby => {
+                self.replace_demoted_primary(&topology, primary, record.term)
+                    .await
+            }
             NodeHealth::Primary => {
+                self.primary_writable();
                 self.fence_stale_primaries(&topology, primary, record.term)
                     .await;
                 self.manage_synchronous(primary, record.term).await;

@@ -109,7 +109,8 @@ impl Coordinator {
             "primary_down",
             Some(&old_name),
             format!(
-                "primary {old_name} is down; asking the voters to promote {new_name} in term {next}"
+                "primary {old_name} is {}; asking the voters to promote {new_name} in term {next}",
+                topology.nodes[old].health
             ),
         );
         let won = self
@@ -215,7 +216,13 @@ impl Coordinator {
         // The old primary's position is from its last probe, up to one
         // interval before it failed: a positive difference is a lower
         // bound of the data at risk, and none proves nothing.
+        let change = if old == new {
+            format!("{new}, found demoted, promoted again")
+        } else {
+            format!("primary changed from {old} to {new}")
+        };
         let gap = match chosen.gap {
+            _ if old == new => "no WAL gap (it holds every record it wrote)".into(),
             Some(bytes) if bytes > 0 => format!("WAL gap at least {bytes} bytes (data at risk)"),
             Some(_) => format!(
                 "WAL gap unknown: the old primary was last seen behind the promoted position; \
@@ -229,7 +236,7 @@ impl Coordinator {
             "failover",
             Some(new),
             format!(
-                "primary changed from {old} to {new}; promoted at {}; {gap}",
+                "{change}; promoted at {}; {gap}",
                 format_lsn(chosen.position)
             ),
             started.elapsed(),

@@ -18,6 +18,15 @@ use crate::topology::NodeHealth;
 const CATCH_UP: Duration = Duration::from_secs(30);
 /// How long a node agent may take to demote its node.
 const DEMOTE: Duration = Duration::from_secs(60);
+/// Margin for the election and promotion at the end of a switchover.
+const ELECTION_MARGIN: Duration = Duration::from_secs(60);
+
+/// Longer than a switchover draining up to `drain` runs: another proxy's
+/// coordinator waits this long before replacing a primary it finds
+/// demoted.
+pub(super) fn longest_switchover(drain: Duration) -> Duration {
+    drain + DEMOTE + CATCH_UP + ELECTION_MARGIN
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SwitchoverRequest {
@@ -139,6 +148,7 @@ impl Coordinator {
         self.sessions.pause();
         self.refresh_route();
         plan.drained = Some(self.drain(&plan.from, drain).await);
+        self.check_target(&plan.to).await?;
         // The moment of the switch: sessions on the old primary are closed
         // with 57P01 and new ones keep waiting.
         self.set_blocked(Some(format!(
@@ -176,6 +186,24 @@ impl Coordinator {
             pause,
         );
         Ok(plan)
+    }
+
+    /// The target answers as a standby right now, not only at the last
+    /// probe: a demotion towards a dead or frozen target would stop writes
+    /// for nothing (the old primary's shutdown even waits for the target
+    /// to take its last WAL, up to `wal_sender_timeout`).
+    async fn check_target(&self, to: &str) -> Result<(), String> {
+        let topology = self.topology.load();
+        let target = topology.index_of(to).ok_or("target vanished")?;
+        let sql = NodeSql {
+            node: &topology.nodes[target].spec,
+            monitor: &self.monitor,
+        };
+        match sql.in_recovery().await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(format!("{to} is no longer a standby")),
+            Err(e) => Err(format!("{to} does not answer: {e}")),
+        }
     }
 
     /// Waits until no session on `node` is inside a transaction or has a

@@ -11,19 +11,26 @@ use std::time::Duration;
 use tokio::sync::Mutex;
 use tokio_postgres::Client;
 
-use crate::harness::{APP_DB, AgentCluster, AgentProcess, CLUSTER_TOKEN, DEADLINE, wait_until};
+use crate::harness::{
+    APP_DB, AgentCluster, AgentProcess, CLUSTER_TOKEN, DEADLINE, freeze_postmaster, wait_until,
+};
 use crate::util::try_connect;
 
-/// `pgfailover switchover ARGS` against the proxy of `c`; returns stdout.
-fn switchover(c: &AgentCluster, args: &[&str]) -> String {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgfailover"))
+/// Runs `pgfailover switchover ARGS` against the proxy of `c`.
+fn run_switchover(c: &AgentCluster, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_pgfailover"))
         .arg("switchover")
         .args(args)
         .arg("--admin")
         .arg(format!("http://127.0.0.1:{}", c.proxy_admin()))
         .env("PGFAILOVER_CLUSTER_TOKEN", CLUSTER_TOKEN)
         .output()
-        .expect("run pgfailover switchover");
+        .expect("run pgfailover switchover")
+}
+
+/// `pgfailover switchover ARGS`, which must succeed; returns stdout.
+fn switchover(c: &AgentCluster, args: &[&str]) -> String {
+    let out = run_switchover(c, args);
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
@@ -192,5 +199,104 @@ async fn switchover_under_load_loses_no_write_and_refuses_no_connection() {
         "writes resumed on n1"
     );
     assert_nothing_lost(&ledger, &c.n1);
+    c.n2.wait_streaming(DEADLINE);
+}
+
+/// One write through the proxy; the node that took it.
+async fn write_through(dsn: &str) -> Result<String, String> {
+    let client = try_connect(dsn).await.map_err(|e| e.to_string())?;
+    let row = client
+        .query_one(
+            "INSERT INTO writes (node) VALUES (current_setting('cluster_name')) RETURNING node",
+            &[],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(row.get(0))
+}
+
+/// Waits until a write through the proxy lands on `node`.
+async fn wait_writes_on(dsn: &str, node: &str) {
+    let mut last = Err(String::new());
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while tokio::time::Instant::now() < deadline {
+        last = write_through(dsn).await;
+        if last.as_deref() == Ok(node) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no write landed on {node} within {DEADLINE:?}; last: {last:?}");
+}
+
+/// Runs a switchover to `to` that must fail; returns what it said.
+fn failed_switchover(c: &AgentCluster, to: &str) -> String {
+    let out = run_switchover(c, &["--to", to]);
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !out.status.success(),
+        "the switchover cannot finish: {said}"
+    );
+    said
+}
+
+/// A frozen target is found out before the old primary is demoted:
+/// the switchover is refused and the primary goes on taking writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switchover_to_a_frozen_target_is_refused_before_the_demotion() {
+    let c = AgentCluster::start();
+    crate::failover::create_writes_table(&c.dsn()).await;
+    wait_proxy_sees_standby(&c, "n2");
+
+    let frozen = freeze_postmaster(&c.n2.data_dir());
+    let said = failed_switchover(&c, "n2");
+    println!("switchover to a frozen n2: {said}");
+    assert!(said.contains("n2"), "the refusal names the target: {said}");
+    assert_eq!(c.n1.psql("postgres", "SELECT pg_is_in_recovery()"), "f");
+    wait_writes_on(&c.dsn(), "n1").await;
+    assert_eq!(c.status()["term"], 1, "no new term");
+    frozen.thaw();
+}
+
+/// The target stops replaying once the old primary is demoted: the
+/// switchover fails waiting for it to catch up. The demoted primary holds
+/// every write it took, so the proxy promotes it again under a new term
+/// rather than leave the cluster without a primary, and the target
+/// follows it once it replays again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switchover_failing_after_the_demotion_promotes_the_old_primary_again() {
+    let c = AgentCluster::start();
+    crate::failover::create_writes_table(&c.dsn()).await;
+    wait_proxy_sees_standby(&c, "n2");
+
+    c.n2.psql("postgres", "SELECT pg_wal_replay_pause()");
+    // A write n2 receives but does not replay.
+    wait_writes_on(&c.dsn(), "n1").await;
+    let said = failed_switchover(&c, "n2");
+    println!("switchover to n2 with its replay paused: {said}");
+    assert!(said.contains("did not replay"), "{said}");
+
+    wait_writes_on(&c.dsn(), "n1").await;
+    let status = c.status();
+    assert!(status["term"].as_u64() > Some(1), "a new term: {status}");
+    let events = c.proxy_events();
+    let failover = events
+        .iter()
+        .rev()
+        .find(|e| e["kind"] == "failover")
+        .unwrap_or_else(|| panic!("a failover event: {events:?}"));
+    println!("failover event: {}", failover["detail"]);
+    assert!(
+        failover["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("promoted again")),
+        "{failover}"
+    );
+
+    c.n2.psql("postgres", "SELECT pg_wal_replay_resume()");
     c.n2.wait_streaming(DEADLINE);
 }
