@@ -14,6 +14,7 @@ use super::pgconf;
 use super::postmaster::Postmaster;
 use crate::config::NodeSpec;
 use crate::failover::node_sql::{NodeSql, slot_name};
+use crate::monitor::parse_lsn;
 use crate::topology::NodeHealth;
 
 impl Agent {
@@ -91,7 +92,9 @@ impl Agent {
                 if crashed {
                     self.crash_recover().await?;
                 }
-                self.rewind(primary).await
+                // Cleanly shut down, its last checkpoint is its last record.
+                let local_end = self.server.controldata().await?.checkpoint_lsn;
+                self.rewind(primary, &local_end).await
             };
             match rewound.await {
                 Ok(how) => how,
@@ -143,8 +146,10 @@ impl Agent {
     }
 
     /// pg_rewind from `primary`, connecting as the monitor user (a
-    /// superuser). Returns what it did.
-    async fn rewind(&self, primary: &NodeSpec) -> Result<String, String> {
+    /// superuser). Returns what it did, with how much of this node's WAL
+    /// (ending at `local_end`) lay past the divergence: what the failover
+    /// really lost, to set against the gap it reported.
+    async fn rewind(&self, primary: &NodeSpec, local_end: &str) -> Result<String, String> {
         let monitor = &self.server.config.monitor;
         NodeSql {
             node: primary,
@@ -171,16 +176,9 @@ impl Agent {
         }
         let out = os::run(&mut cmd, "pg_rewind").await?;
         if out.contains("no rewind required") {
-            return Ok("pg_rewind (nothing had diverged)".into());
+            return Ok("pg_rewind (nothing had diverged; no WAL discarded)".into());
         }
-        let diverged = out.lines().find_map(|l| {
-            l.split_once("servers diverged at ")
-                .map(|(_, at)| at.trim())
-        });
-        Ok(match diverged {
-            Some(at) => format!("pg_rewind (diverged at {at})"),
-            None => "pg_rewind".into(),
-        })
+        Ok(describe_rewind(&out, local_end))
     }
 
     /// Wipes the data directory and clones `primary` again, recording why.
@@ -203,5 +201,47 @@ impl Agent {
             started.elapsed(),
         );
         Ok(())
+    }
+}
+
+/// Says where pg_rewind found the timelines diverged ("servers diverged
+/// at WAL location 0/3000060 on timeline 1") and how many bytes of this
+/// node's WAL, which ended at `local_end`, lay past that point.
+fn describe_rewind(output: &str, local_end: &str) -> String {
+    let Some(at) = output.lines().find_map(|l| {
+        l.split_once("servers diverged at ")
+            .map(|(_, at)| at.trim())
+    }) else {
+        return "pg_rewind".into();
+    };
+    let diverged = at
+        .split_whitespace()
+        .find_map(|word| parse_lsn(word).map(|lsn| (word, lsn)));
+    match diverged.zip(parse_lsn(local_end)) {
+        Some(((lsn, diverged), end)) => format!(
+            "pg_rewind (diverged at {lsn}; {} bytes of WAL past it, up to {local_end}, discarded)",
+            end.saturating_sub(diverged)
+        ),
+        None => format!("pg_rewind (diverged at {at})"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_the_wal_discarded_past_the_divergence() {
+        let out = "pg_rewind: servers diverged at WAL location 0/3000060 on timeline 1\n\
+                   pg_rewind: rewinding from last common checkpoint at 0/2000060 on timeline 1\n";
+        assert_eq!(
+            describe_rewind(out, "0/3000860"),
+            "pg_rewind (diverged at 0/3000060; 2048 bytes of WAL past it, up to 0/3000860, discarded)"
+        );
+        assert_eq!(
+            describe_rewind(out, "garbage"),
+            "pg_rewind (diverged at WAL location 0/3000060 on timeline 1)"
+        );
+        assert_eq!(describe_rewind("done\n", "0/1"), "pg_rewind");
     }
 }

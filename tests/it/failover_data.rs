@@ -752,7 +752,7 @@ fn reported_gap(detail: &str) -> Option<u64> {
 }
 
 /// `X/Y` to a byte position.
-fn parse_lsn(text: &str) -> Option<u64> {
+pub(crate) fn parse_lsn(text: &str) -> Option<u64> {
     let (high, low) = text.split_once('/')?;
     Some((u64::from_str_radix(high, 16).ok()? << 32) | u64::from_str_radix(low, 16).ok()?)
 }

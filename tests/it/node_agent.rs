@@ -10,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::Value;
 
 use crate::failover::{create_writes_table, first_write_on, write_once};
+use crate::failover_data::parse_lsn;
 use crate::harness::{
     APP_DB, AgentCluster, AgentProcess, CLUSTER_TOKEN, DEADLINE, SLOW_DEADLINE, VoterSet,
     admin_send, as_postgres, free_port, freeze_postmaster, kill9_postmaster, pg_bin,
@@ -327,5 +328,82 @@ async fn demote_makes_the_primary_a_standby_and_sigterm_stops_it_cleanly() {
     assert!(
         control.contains("Database cluster state:               shut down in recovery"),
         "{control}"
+    );
+}
+
+/// Bytes of WAL the rejoin event says pg_rewind discarded.
+fn discarded_bytes(rejoin: &Value) -> Option<u64> {
+    let detail = rejoin["detail"].as_str()?;
+    let (_, rest) = detail.split_once("; ")?;
+    rest.split_whitespace().next()?.parse().ok()
+}
+
+/// The reported lower bound of a failover's WAL gap, if any.
+fn reported_gap(failover: &Value) -> Option<u64> {
+    let detail = failover["detail"].as_str()?;
+    let rest = detail.split("WAL gap at least ").nth(1)?;
+    rest.split_whitespace().next()?.parse().ok()
+}
+
+/// Asynchronous replication: rows n2 never received are lost when n1
+/// crashes. The failover reports a lower bound of the gap; the rejoin
+/// then names the WAL really discarded, which covers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rejoin_names_the_wal_the_failover_lost() {
+    let mut c = AgentCluster::start();
+    create_writes_table(&c.dsn()).await;
+    let client = connect(&c.dsn()).await;
+    assert_eq!(write_once(&client).await.expect("write on n1"), "n1");
+    wait_until("n2 has the first row", DEADLINE, || {
+        rows(&c.n2, "n1") == Some(1)
+    });
+    // n2 stops receiving: what n1 takes from now on exists on n1 only.
+    c.n2.psql("postgres", "ALTER SYSTEM SET primary_conninfo = ''");
+    c.n2.psql("postgres", "SELECT pg_reload_conf()");
+    wait_until("n2's WAL receiver stopped", DEADLINE, || {
+        c.n2.try_psql("postgres", "SELECT count(*) FROM pg_stat_wal_receiver")
+            .is_ok_and(|n| n == "0")
+    });
+    for _ in 0..50 {
+        assert_eq!(write_once(&client).await.expect("write on n1"), "n1");
+    }
+    drop(client);
+    // The proxy has probed n1 since: the failover can bound the gap.
+    let n1_end = parse_lsn(&c.n1.psql("postgres", "SELECT pg_current_wal_lsn()"));
+    wait_until("the proxy saw n1's last writes", DEADLINE, || {
+        c.status()["nodes"].as_array().is_some_and(|nodes| {
+            nodes
+                .iter()
+                .any(|n| n["name"] == "n1" && n["lsn"].as_str().and_then(parse_lsn) >= n1_end)
+        })
+    });
+    c.n1.crash();
+    c.wait_for_term(2, "n2", DEADLINE);
+    let failover = c
+        .proxy_events()
+        .into_iter()
+        .find(|e| e["kind"] == "failover")
+        .expect("a failover event");
+
+    c.n1.restart();
+    c.n1.wait_streaming(SLOW_DEADLINE);
+    let rejoin = c.n1.wait_event("rejoin");
+    println!(
+        "failover: {}\nrejoin: {}",
+        failover["detail"], rejoin["detail"]
+    );
+    assert_eq!(
+        rows(&c.n1, "n1"),
+        Some(1),
+        "the 50 unreplicated rows are lost"
+    );
+    let discarded = discarded_bytes(&rejoin)
+        .unwrap_or_else(|| panic!("the rejoin names the WAL discarded: {rejoin}"));
+    assert!(discarded > 0, "{rejoin}");
+    let gap = reported_gap(&failover)
+        .unwrap_or_else(|| panic!("n1's position was seen: the gap is bounded: {failover}"));
+    assert!(
+        0 < gap && gap <= discarded,
+        "the failover reported at least {gap} bytes lost, the rejoin discarded {discarded}"
     );
 }
