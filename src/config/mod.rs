@@ -87,6 +87,8 @@ pub struct MonitorConfig {
     pub password: Option<Secret>,
     pub interval: Duration,
     pub down_after: Duration,
+    /// `--backend-tls`: sessions, monitoring and control connections alike.
+    pub tls: Option<BackendTls>,
 }
 
 impl MonitorConfig {
@@ -170,7 +172,6 @@ pub struct ProxyConfig {
     pub member: MemberConfig,
     pub failover: FailoverConfig,
     pub tls: ClientTls,
-    pub backend_tls: Option<BackendTls>,
     pub hold_timeout: Duration,
     pub startup_timeout: Duration,
     pub connect_timeout: Duration,
@@ -221,10 +222,8 @@ impl ProxyConfig {
             o.tls_key.as_deref(),
             o.tls_mode.as_deref(),
         )?;
-        let backend_tls = backend_tls(o.backend_tls.as_deref(), o.backend_tls_ca.as_deref())?;
         Ok(Self {
             tls,
-            backend_tls,
             listen: parse_addr("--listen", o.listen.as_deref().unwrap_or("0.0.0.0:6432"))?,
             nodes: monitor.nodes.clone(),
             monitor: Arc::new(monitor),
@@ -327,6 +326,7 @@ fn monitor_config(o: MonitorOptions, env: &EnvSecrets) -> Result<MonitorConfig, 
         password,
         interval,
         down_after,
+        tls: backend_tls(o.backend_tls.as_deref(), o.backend_tls_ca.as_deref())?,
     })
 }
 

@@ -45,10 +45,20 @@ pub struct MonitorOptions {
     /// called down; clear evidence (refused, reset) acts at once [default: 3s].
     #[arg(long, env = "PGFAILOVER_DOWN_AFTER")]
     pub down_after: Option<String>,
+    /// TLS toward the nodes (sessions, monitoring and control connections): `disable`, `require` (encrypted, node not
+    /// verified unless --backend-tls-ca is given) or `verify-full`
+    /// (certificate checked against --backend-tls-ca and the node's host
+    /// name) [default: disable].
+    #[arg(long, env = "PGFAILOVER_BACKEND_TLS")]
+    pub backend_tls: Option<String>,
+    /// PEM CA certificates that sign the nodes' certificates.
+    #[arg(long, env = "PGFAILOVER_BACKEND_TLS_CA")]
+    pub backend_tls_ca: Option<PathBuf>,
 }
 
 merge_options!(MonitorOptions {
-    monitor_user, monitor_password_file, monitor_dbname, monitor_interval, down_after
+    monitor_user, monitor_password_file, monitor_dbname, monitor_interval, down_after,
+    backend_tls, backend_tls_ca
 } vecs { node });
 
 /// This member's place among the voters (proxy, witness, node agent).
@@ -143,15 +153,6 @@ pub struct ProxyOptions {
     /// certificate, else disable].
     #[arg(long, env = "PGFAILOVER_TLS_MODE")]
     pub tls_mode: Option<String>,
-    /// TLS toward the nodes: `disable`, `require` (encrypted, node not
-    /// verified unless --backend-tls-ca is given) or `verify-full`
-    /// (certificate checked against --backend-tls-ca and the node's host
-    /// name) [default: disable].
-    #[arg(long, env = "PGFAILOVER_BACKEND_TLS")]
-    pub backend_tls: Option<String>,
-    /// PEM CA certificates that sign the nodes' certificates.
-    #[arg(long, env = "PGFAILOVER_BACKEND_TLS_CA")]
-    pub backend_tls_ca: Option<PathBuf>,
     /// How long a switchover lets open transactions finish [default: 10s].
     #[arg(long, env = "PGFAILOVER_DRAIN_TIMEOUT")]
     pub drain_timeout: Option<String>,
@@ -177,8 +178,6 @@ impl ProxyOptions {
             tls_key: self.tls_key.or(file.tls_key),
             tls_mode: self.tls_mode.or(file.tls_mode),
             drain_timeout: self.drain_timeout.or(file.drain_timeout),
-            backend_tls: self.backend_tls.or(file.backend_tls),
-            backend_tls_ca: self.backend_tls_ca.or(file.backend_tls_ca),
         }
     }
 }

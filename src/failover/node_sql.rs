@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use tokio::time::timeout;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use crate::config::{MonitorConfig, NodeSpec};
 
@@ -21,24 +21,17 @@ impl NodeSql<'_> {
     /// A control connection. The whole handshake is bounded, not only
     /// the TCP connect (all tokio-postgres's `connect_timeout` covers): a
     /// frozen server accepts the connection and then never answers.
+    /// A control connection. The whole handshake is bounded, not only
+    /// the TCP connect: a frozen server accepts and never answers.
     async fn connect(&self) -> Result<Client, String> {
         let limit = self.monitor.probe_timeout() * 2;
-        let mut pg = tokio_postgres::Config::new();
-        pg.host(&self.node.host)
-            .port(self.node.port)
-            .user(&self.monitor.user)
-            .dbname(&self.monitor.dbname)
-            .application_name("pgfailover-control")
-            .connect_timeout(limit);
-        if let Some(password) = &self.monitor.password {
-            pg.password(password.expose());
-        }
-        let (client, connection) = timeout(limit, pg.connect(NoTls))
-            .await
-            .map_err(|_| format!("connect to {}: no answer within {limit:?}", self.node.name))?
-            .map_err(|e| format!("connect to {}: {e}", self.node.name))?;
-        tokio::spawn(connection);
-        Ok(client)
+        timeout(
+            limit,
+            crate::monitor::connect(self.monitor, self.node, "pgfailover-control", limit),
+        )
+        .await
+        .map_err(|_| format!("connect to {}: no answer within {limit:?}", self.node.name))?
+        .map_err(|e| format!("connect to {}: {e}", self.node.name))
     }
 
     /// Runs statements in order on one connection.

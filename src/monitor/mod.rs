@@ -1,6 +1,7 @@
 //! The monitor: one probe task per node, each keeping a monitoring
 //! connection and publishing the node's health into the topology.
 
+mod connect;
 mod probe;
 mod status;
 
@@ -13,6 +14,7 @@ use crate::config::MonitorConfig;
 use crate::events::EventLog;
 use crate::topology::TopologyStore;
 
+pub use connect::connect;
 pub use probe::NodeProbe;
 pub use status::{Lsn, NodeStatus, Replica, format_lsn, parse_lsn};
 

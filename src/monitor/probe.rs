@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::{Instant, sleep, timeout};
-use tokio_postgres::{Client, NoTls, Row};
+use tokio_postgres::{Client, Row};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -179,24 +179,10 @@ impl NodeProbe {
     }
 
     async fn connect(&self) -> Result<Client, Evidence> {
-        let mut pg = tokio_postgres::Config::new();
-        pg.host(&self.node.host)
-            .port(self.node.port)
-            .user(&self.config.user)
-            .dbname(&self.config.dbname)
-            .application_name("pgfailover-monitor")
-            .connect_timeout(self.config.probe_timeout());
-        if let Some(password) = &self.config.password {
-            pg.password(password.expose());
-        }
-        let (client, connection) = pg.connect(NoTls).await.map_err(|e| classify(&e))?;
-        let node = self.node.name.clone();
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(%node, error = %e, "monitoring connection closed");
-            }
-        });
-        Ok(client)
+        let limit = self.config.probe_timeout();
+        super::connect(&self.config, &self.node, "pgfailover-monitor", limit)
+            .await
+            .map_err(|e| classify(&e))
     }
 }
 

@@ -123,7 +123,7 @@ async fn open_backend(
         let route = connect_writable(
             &proxy.topology,
             &proxy.metrics,
-            proxy.config.backend_tls.as_ref(),
+            proxy.config.monitor.tls.as_ref(),
             limits.connect_timeout,
             deadline,
         )

@@ -181,6 +181,17 @@ fn backend_tls_verify_full_encrypts_the_proxy_to_node_leg() {
         "t",
         "the proxy's session to the node is encrypted"
     );
+    // So are its monitoring connections (the probes and the control SQL).
+    let monitors = "SELECT count(*) FILTER (WHERE s.ssl), count(*) FROM pg_stat_activity a \
+                    JOIN pg_stat_ssl s USING (pid) WHERE a.application_name = 'pgfailover-monitor'";
+    for node in [&cluster.primary, &cluster.standby] {
+        assert_eq!(
+            node.psql(monitors),
+            "1|1",
+            "{}'s monitoring connection",
+            node.name
+        );
+    }
 
     // Client TLS ending at the proxy, node TLS starting at it. Channel
     // binding cannot cross the proxy, so such a client disables it (with
@@ -212,5 +223,10 @@ fn backend_tls_verify_full_encrypts_the_proxy_to_node_leg() {
     let dsn = proxy.dsn(SCRAM_USER.name, SCRAM_USER.password, APP_DB);
     let out = psql(&dsn, &["-c", "SELECT 1"]);
     assert!(!out.status.success(), "an unverified node must not be used");
-    assert!(proxy.log().contains("TLS with n1"), "{}", proxy.log());
+    // The monitor cannot verify the nodes either, and the client is told.
+    assert!(
+        stderr(&out).contains("n1: suspect (invalid peer certificate"),
+        "{}",
+        stderr(&out)
+    );
 }
