@@ -138,6 +138,8 @@ impl Coordinator {
         mut plan: SwitchoverReport,
         drain: Duration,
     ) -> Result<SwitchoverReport, String> {
+        // Before pausing anyone: the check costs a connection.
+        self.check_target(&plan.to).await?;
         let started = Instant::now();
         let term = self.peers.me().record().term;
         self.events.record(term, "switchover_started", Some(&plan.to), format!(
@@ -148,7 +150,6 @@ impl Coordinator {
         self.sessions.pause();
         self.refresh_route();
         plan.drained = Some(self.drain(&plan.from, drain).await);
-        self.check_target(&plan.to).await?;
         // The moment of the switch: sessions on the old primary are closed
         // with 57P01 and new ones keep waiting.
         self.set_blocked(Some(format!(
@@ -188,8 +189,8 @@ impl Coordinator {
         Ok(plan)
     }
 
-    /// The target answers as a standby right now, not only at the last
-    /// probe: a demotion towards a dead or frozen target would stop writes
+    /// The target answers as a standby now, not only at the last probe: a
+    /// demotion towards a dead or frozen target would stop writes
     /// for nothing (the old primary's shutdown even waits for the target
     /// to take its last WAL, up to `wal_sender_timeout`).
     async fn check_target(&self, to: &str) -> Result<(), String> {
