@@ -5,7 +5,9 @@
 //! Partitions are one-sided TCP relays (`Forwarder`) between a member and
 //! a node: cutting one closes the member's monitoring and data-plane
 //! connections to the node and refuses new ones, while the other members
-//! keep talking to the node directly.
+//! keep talking to the node directly. One test makes the partition silent
+//! instead, as a real one is: the node runs in a network namespace of its
+//! own (`NetNs`) and the member's veth link to it drops every packet.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,8 +19,8 @@ use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 
 use crate::harness::{
-    APP_DB, DEADLINE, Forwarder, PgCluster, PgNode, ProxyProcess, SCRAM_USER, VoterSet,
-    WitnessProcess, admin_get, wait_until,
+    APP_DB, DEADLINE, Forwarder, Link, NetNs, PgCluster, PgNode, ProxyProcess, SCRAM_USER,
+    VoterSet, WitnessProcess, admin_get, wait_until,
 };
 use crate::util::{signal, try_connect};
 
@@ -103,6 +105,13 @@ fn start_proxy(nodes: &[(&str, u16)], voters: &VoterSet, name: &str) -> ProxyPro
     let args = voters.args_for(name);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     ProxyProcess::start(nodes, &args)
+}
+
+/// Like `start_proxy`, with each node's `host:port`.
+fn start_proxy_at(nodes: &[(&str, String)], voters: &VoterSet, name: &str) -> ProxyProcess {
+    let args = voters.args_for(name);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    ProxyProcess::start_at(nodes, &args)
 }
 
 fn dsn(proxy: &ProxyProcess) -> String {
@@ -530,6 +539,234 @@ async fn a_proxy_cut_off_from_the_primary_cannot_promote_while_the_witness_sees_
         lost.len(),
         refusals.len()
     );
+}
+
+/// The same partition made silent, as a real one is. n1 runs on a host of
+/// its own (a network namespace) with two links to the rest: link A
+/// carries only p1's traffic, link B the witness's and n2's replication.
+/// Link A drops every packet (no reset, no refusal): p1 learns nothing but
+/// timeouts, so n1 goes suspect and only after `--down-after` down; p1's
+/// election fails because the witness, across link B, still sees n1. A
+/// session open across the partition just waits; after the heal it goes
+/// on, and p1 writes to n1 again in term 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_partition_between_proxy_and_primary_does_not_promote_while_the_witness_sees_it() {
+    // Declared first, dropped last: after every process using them.
+    let host = NetNs::new();
+    let link_a = Link::new(&host);
+    let link_b = Link::new(&host);
+    let (a, b) = (link_a.ns_ip.to_string(), link_b.ns_ip.to_string());
+    let cluster = PgCluster::primary_in_with_standby(&host, &[&a, &b], &b);
+    let (n1_port, n2_port) = (cluster.primary.port(), cluster.standby.port());
+    let n2 = ("n2", format!("127.0.0.1:{n2_port}"));
+    let voters = VoterSet::new(&["p1", "w1"]);
+    let _witness = WitnessProcess::start_at(
+        &[("n1", format!("{b}:{n1_port}")), n2.clone()],
+        &voters,
+        "w1",
+    );
+    let proxy = start_proxy_at(&[("n1", format!("{a}:{n1_port}")), n2], &voters, "p1");
+    let (p1, w1) = (Admin::of(&voters, "p1"), Admin::of(&voters, "w1"));
+    p1.wait_route(1, "n1", DEADLINE);
+    wait_until("w1 sees n1 as the primary", DEADLINE, || {
+        w1.node_report("n1")["state"] == "primary"
+    });
+    // n2 streams across link B.
+    let replica_addr = "SELECT client_addr FROM pg_stat_replication \
+                        WHERE application_name = 'n2' AND state = 'streaming'";
+    assert_eq!(
+        cluster.primary.psql(replica_addr),
+        link_b.root_ip.to_string()
+    );
+    create_writes_table(&dsn(&proxy)).await;
+    assert_eq!(one_write(&dsn(&proxy), "p1").await.unwrap(), "n1");
+    // A session open across the partition, and its backend's TCP port on
+    // n1 (the proxy's end of the connection over link A).
+    let open_app = "pgf-open-across";
+    let open = crate::util::connect(&format!("{} application_name={open_app}", dsn(&proxy))).await;
+    let open_port = cluster.primary.psql(&format!(
+        "SELECT client_port FROM pg_stat_activity WHERE application_name = '{open_app}'"
+    ));
+    assert!(
+        open_port.parse::<u16>().is_ok(),
+        "one backend for the open session: {open_port:?}"
+    );
+
+    let cut_wall = std::time::SystemTime::now();
+    let cut = Instant::now();
+    link_a.cut();
+    // A session opened during the partition is held, then refused.
+    let held = {
+        let dsn = dsn(&proxy);
+        tokio::spawn(async move {
+            let start = Instant::now();
+            (try_connect(&dsn).await.map(|_| ()), start.elapsed())
+        })
+    };
+    wait_until("p1 sees n1 down", DEADLINE, || {
+        p1.node_report("n1")["state"] == "down"
+    });
+    let seen_down = cut.elapsed();
+    // Silence is no proof: the first report is only a suspicion, and the
+    // reason is a timeout, not a refusal or a closed connection.
+    let down_report = p1.node_report("n1");
+    let events = p1.events();
+    let n1_event = |kind: &str| {
+        events
+            .iter()
+            .position(|e| e["kind"] == kind && e["node"] == "n1")
+    };
+    let (suspect_at, down_at) = (n1_event("node_suspect"), n1_event("node_down"));
+    assert!(
+        suspect_at.is_some() && suspect_at < down_at,
+        "n1 was suspect before down: {events:?}"
+    );
+    let since_cut = |i: Option<usize>| {
+        let at = events[i.unwrap()]["at_ms"].as_u64().unwrap();
+        let cut_ms = cut_wall
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        Duration::from_millis(at.saturating_sub(cut_ms))
+    };
+    let (suspect_after, down_after) = (since_cut(suspect_at), since_cut(down_at));
+    // Down needs --down-after (3 s) without a healthy probe, counted from
+    // the last one before the cut (up to an interval and a probe earlier).
+    assert!(
+        down_after >= Duration::from_secs(2),
+        "n1 down {down_after:?} after a silent cut, before --down-after (3s)"
+    );
+    wait_until(
+        "p1 records an election lost because w1 still sees n1",
+        DEADLINE,
+        || {
+            kind_is(&p1.events(), "election_lost")
+                .iter()
+                .any(|e| detail(e).contains("still see n1"))
+        },
+    );
+    let refused = cut.elapsed();
+    observe_no_promotion(&cluster.standby, OBSERVE, || {
+        let s = p1.status();
+        assert_eq!(s["term"], 1, "{s}");
+        assert_eq!(s["primary"], "n1", "{s}");
+        assert_eq!(s["routing_to"], Value::Null, "{s}");
+        assert_eq!(w1.record()["term"], 1);
+    });
+    // Link B was never cut: the witness still sees n1, n2 still streams.
+    assert_eq!(w1.node_report("n1")["state"], "primary");
+    assert_eq!(
+        cluster.primary.psql(replica_addr),
+        link_b.root_ip.to_string()
+    );
+
+    // What the operator reads.
+    let status = p1.status();
+    assert_eq!(p1.node_report("n1")["state"], "down");
+    assert_eq!(
+        status["writes_blocked"],
+        Value::Null,
+        "nothing blocks writes but n1's health: {status}"
+    );
+    let events = p1.events();
+    let lost = kind_is(&events, "election_lost");
+    let why = lost
+        .iter()
+        .find(|e| detail(e).contains("still see n1"))
+        .expect("an election lost naming n1");
+    assert_eq!(why["term"], 2, "{why}");
+    assert!(detail(why).contains("0 of 2 votes, 2 needed"), "{why}");
+    assert!(detail(why).contains("w1"), "{why}");
+    for kind in ["election_won", "promote", "failover", "term_published"] {
+        let late: Vec<_> = kind_is(&events, kind)
+            .into_iter()
+            .filter(|e| e["term"].as_u64() > Some(1))
+            .collect();
+        assert!(late.is_empty(), "{kind} in a new term: {late:?}");
+    }
+    let witness_events = w1.events();
+    let refusals = kind_is(&witness_events, "vote_refused");
+    assert!(
+        refusals
+            .iter()
+            .any(|e| detail(e).contains("I still see n1 as primary")),
+        "the witness says why it refused: {refusals:?}"
+    );
+    let grants: Vec<_> = kind_is(&witness_events, "vote_granted")
+        .into_iter()
+        .filter(|e| e["term"].as_u64() > Some(1))
+        .collect();
+    assert!(grants.is_empty(), "the witness voted: {grants:?}");
+
+    // The session opened during the partition was held, then refused.
+    let (result, waited) = held.await.unwrap();
+    let err = result.expect_err("no route during the partition");
+    assert_eq!(sqlstate(&err), Some("57P03"), "{}", describe(&err));
+    assert!(describe(&err).contains("n1: down"), "{}", describe(&err));
+    assert!(waited >= HOLD - Duration::from_secs(1), "held {waited:?}");
+
+    // The session open across the cut sends a query into the silence: it
+    // waits, unacknowledged, in the proxy's socket to n1.
+    let query = tokio::spawn(async move {
+        let row = open
+            .query_one("SELECT current_setting('cluster_name')", &[])
+            .await;
+        (row.map(|r| r.get::<_, String>(0)), open)
+    });
+    wait_until("the query waits unacknowledged on link A", DEADLINE, || {
+        unacked_bytes(link_a.ns_ip, n1_port, &open_port) > 0
+    });
+
+    let healed = Instant::now();
+    link_a.heal();
+    let (answer, _open) = tokio::time::timeout(DEADLINE, query)
+        .await
+        .expect("the query across the partition completes after the heal")
+        .unwrap();
+    let answered = healed.elapsed();
+    assert_eq!(
+        answer.map_err(|e| describe(&e)).as_deref(),
+        Ok("n1"),
+        "the session open across the partition goes on"
+    );
+    p1.wait_route(1, "n1", DEADLINE);
+    let back = healed.elapsed();
+    for _ in 0..3 {
+        assert_eq!(one_write(&dsn(&proxy), "p1").await.unwrap(), "n1");
+    }
+    assert!(in_recovery(&cluster.standby));
+    assert_eq!(p1.status()["term"], 1);
+    println!(
+        "silent partition: n1 suspect in p1's view {suspect_after:?} after the cut, down \
+         {down_after:?} after it (seen {seen_down:?}; {}), election refused {refused:?} after \
+         it ({} election_lost / {} vote_refused events), no promotion in {OBSERVE:?}; held \
+         session refused after {waited:?}; a query sent across the cut answered {answered:?} \
+         after the heal; writes on n1 again {back:?} after the heal, term 1",
+        down_report["detail"],
+        lost.len(),
+        refusals.len()
+    );
+}
+
+/// Bytes sent and not yet acknowledged on the established TCP connection
+/// from local port `local_port` (a string, as psql printed it) to
+/// `ip:port`, from `ss`'s Send-Q.
+fn unacked_bytes(ip: std::net::Ipv4Addr, port: u16, local_port: &str) -> u64 {
+    let out = crate::harness::run_ok(std::process::Command::new("ss").args([
+        "-Htn",
+        "state",
+        "established",
+        "dst",
+        &format!("{ip}:{port}"),
+        "sport",
+        "=",
+        &format!(":{local_port}"),
+    ]));
+    // Recv-Q Send-Q Local Peer (no State column with a state filter).
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum()
 }
 
 // ---------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 //! A primary with one streaming standby.
 
-use super::{DEADLINE, PgNode, wait_until};
+use super::{DEADLINE, NetNs, PgNode, wait_until};
 
 /// Replication slot the standby streams through.
 pub const STANDBY_SLOT: &str = "standby_slot";
@@ -21,6 +21,24 @@ impl PgCluster {
     pub fn primary_with_standby() -> Self {
         let primary = PgNode::primary("n1");
         let standby = PgNode::standby_of("n2", &primary, STANDBY_SLOT);
+        let cluster = Self {
+            primary,
+            standby,
+            more_standbys: Vec::new(),
+        };
+        cluster.wait_streaming();
+        cluster
+    }
+
+    /// Primary `n1` running in the network namespace `netns` and listening
+    /// on `listen` (its addresses there), and standby `n2` in the root
+    /// namespace on 127.0.0.1, cloned from and streaming from n1 at `via`
+    /// (one of `listen`). Returns once n2 streams. `nodes()` does not
+    /// apply: n1 is not on 127.0.0.1.
+    pub fn primary_in_with_standby(netns: &NetNs, listen: &[&str], via: &str) -> Self {
+        assert!(listen.contains(&via), "{via} is not one of {listen:?}");
+        let primary = PgNode::primary_in("n1", netns, listen);
+        let standby = PgNode::standby_of_at("n2", &primary, via, STANDBY_SLOT);
         let cluster = Self {
             primary,
             standby,

@@ -81,11 +81,20 @@ pub fn spawn_member(log_path: &std::path::Path, args: &[String], env: &[(&str, &
 
 impl WitnessProcess {
     pub fn start(nodes: &[(&str, u16)], voters: &VoterSet, name: &str) -> Self {
+        let nodes: Vec<(&str, String)> = nodes
+            .iter()
+            .map(|(node, port)| (*node, format!("127.0.0.1:{port}")))
+            .collect();
+        Self::start_at(&nodes, voters, name)
+    }
+
+    /// Like `start`, with each node's `host:port`.
+    pub fn start_at(nodes: &[(&str, String)], voters: &VoterSet, name: &str) -> Self {
         let dir = TempDir::new("pgf-witness");
         let mut args = vec!["witness".to_string()];
-        for (node, port) in nodes {
+        for (node, address) in nodes {
             args.push("--node".into());
-            args.push(format!("{node}=127.0.0.1:{port}"));
+            args.push(format!("{node}={address}"));
         }
         args.extend(
             [

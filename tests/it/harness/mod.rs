@@ -8,6 +8,7 @@ mod agent;
 mod cluster;
 mod forward;
 mod members;
+mod netns;
 mod node;
 mod proxy;
 mod template;
@@ -27,6 +28,7 @@ pub use forward::Forwarder;
 pub use members::{
     VoterSet, WitnessProcess, admin_get, admin_request, admin_send, pgfailover_cli, spawn_member,
 };
+pub use netns::{Link, NetNs};
 pub use node::{PgNode, freeze_postmaster, kill9_postmaster, postmaster_pid, psql_socket};
 pub use proxy::{ProxiedCluster, ProxyProcess};
 
@@ -93,6 +95,19 @@ pub fn pg_bin(program: &str) -> PathBuf {
 pub fn as_postgres(program: impl AsRef<Path>) -> Command {
     let mut cmd = Command::new("runuser");
     cmd.args(["-u", "postgres", "--"]).arg(program.as_ref());
+    cmd
+}
+
+/// Like `as_postgres`, inside the network namespace mounted at `netns`
+/// (`NetNs::path`) when there is one.
+pub fn as_postgres_in(netns: Option<&Path>, program: impl AsRef<Path>) -> Command {
+    let Some(netns) = netns else {
+        return as_postgres(program);
+    };
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net={}", netns.display()))
+        .args(["--", "runuser", "-u", "postgres", "--"])
+        .arg(program.as_ref());
     cmd
 }
 
@@ -217,7 +232,12 @@ pub fn tail(path: &Path, lines: usize) -> String {
 /// A libpq key=value DSN for TCP on loopback; the password is left out when
 /// empty (trust). Values here never contain spaces or quotes.
 pub fn tcp_dsn(port: u16, user: &str, password: &str, db: &str) -> String {
-    let mut dsn = format!("host=127.0.0.1 port={port} user={user} dbname={db} connect_timeout=30");
+    tcp_dsn_at("127.0.0.1", port, user, password, db)
+}
+
+/// Like `tcp_dsn`, for a server at `host`.
+pub fn tcp_dsn_at(host: &str, port: u16, user: &str, password: &str, db: &str) -> String {
+    let mut dsn = format!("host={host} port={port} user={user} dbname={db} connect_timeout=30");
     if !password.is_empty() {
         dsn.push_str(&format!(" password={password}"));
     }

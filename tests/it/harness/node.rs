@@ -6,8 +6,8 @@ use std::process::{Command, Output};
 
 use super::template::template_dir;
 use super::{
-    DEADLINE, REPLICATOR, TempDir, as_postgres, free_port, pg_bin, run_ok, tail, tcp_dsn,
-    wait_until,
+    DEADLINE, NetNs, REPLICATOR, TempDir, as_postgres, as_postgres_in, free_port, pg_bin, run_ok,
+    tail, tcp_dsn, tcp_dsn_at, wait_until,
 };
 
 /// How many times a start is retried when the chosen port was taken by
@@ -22,6 +22,11 @@ pub struct PgNode {
     pub name: String,
     port: u16,
     dir: TempDir,
+    /// The network namespace (`NetNs::path`) the postmaster runs in; none:
+    /// the root namespace.
+    netns: Option<PathBuf>,
+    /// `listen_addresses` when not the template's 127.0.0.1.
+    listen: Option<String>,
 }
 
 impl PgNode {
@@ -37,11 +42,36 @@ impl PgNode {
         node.started()
     }
 
+    /// Like `primary`, but the postmaster runs in the network namespace
+    /// `netns` and listens on `listen` (addresses in that namespace) only.
+    /// The unix socket works from anywhere, so `psql` and the rest of the
+    /// harness are unaffected; TCP clients use `listen`'s addresses.
+    pub fn primary_in(name: &str, netns: &NetNs, listen: &[&str]) -> Self {
+        assert!(!listen.is_empty(), "a node in a namespace needs an address");
+        let mut node = Self::empty(name);
+        node.netns = Some(netns.path());
+        node.listen = Some(listen.join(","));
+        run_ok(
+            Command::new("cp")
+                .arg("-a")
+                .arg(template_dir())
+                .arg(node.data_dir()),
+        );
+        node.started()
+    }
+
     /// A streaming standby of `primary`, cloned with pg_basebackup through a
     /// physical replication slot (`-C -S slot -R`), started.
     pub fn standby_of(name: &str, primary: &PgNode, slot: &str) -> Self {
+        Self::standby_of_at(name, primary, "127.0.0.1", slot)
+    }
+
+    /// Like `standby_of`, reaching the primary at `host` (for the clone and
+    /// for streaming: `-R` writes it into primary_conninfo).
+    pub fn standby_of_at(name: &str, primary: &PgNode, host: &str, slot: &str) -> Self {
         let node = Self::empty(name);
-        let conninfo = tcp_dsn(
+        let conninfo = tcp_dsn_at(
+            host,
             primary.port,
             REPLICATOR.name,
             REPLICATOR.password,
@@ -64,6 +94,8 @@ impl PgNode {
             name: name.to_string(),
             port: free_port(),
             dir,
+            netns: None,
+            listen: None,
         }
     }
 
@@ -120,12 +152,15 @@ impl PgNode {
     /// Settings that differ per node. `include_if_exists` in the template
     /// pulls this in; pg_basebackup copies it, and the standby rewrites it.
     fn write_node_conf(&self) {
-        let conf = format!(
+        let mut conf = format!(
             "port = {}\nunix_socket_directories = '{}'\ncluster_name = '{}'\n",
             self.port,
             self.socket_dir().display(),
             self.name
         );
+        if let Some(listen) = &self.listen {
+            conf.push_str(&format!("listen_addresses = '{listen}'\n"));
+        }
         let path = self.data_dir().join("node.conf");
         fs::write(&path, conf).expect("write node.conf");
         run_ok(Command::new("chown").arg("postgres:postgres").arg(&path));
@@ -175,8 +210,17 @@ impl PgNode {
         postmaster_pid(&self.data_dir())
     }
 
+    /// The addresses the server listens on when not 127.0.0.1 (a node in
+    /// a namespace).
+    pub fn listen_addresses(&self) -> Option<&str> {
+        self.listen.as_deref()
+    }
+
+    /// pg_ctl in the node's network namespace: the postmaster it starts
+    /// inherits it (stop and status only signal and read files, the same
+    /// from anywhere).
     fn pg_ctl(&self, args: &[&str]) -> Output {
-        let mut cmd = as_postgres(pg_bin("pg_ctl"));
+        let mut cmd = as_postgres_in(self.netns.as_deref(), pg_bin("pg_ctl"));
         cmd.arg("-D")
             .arg(self.data_dir())
             .args(["-w", "-t", "120"])

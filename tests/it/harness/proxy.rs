@@ -25,6 +25,15 @@ impl ProxyProcess {
     /// 127.0.0.1) with a fast monitor, plus `extra_args`, and waits until
     /// its listen port accepts TCP.
     pub fn start(nodes: &[(&str, u16)], extra_args: &[&str]) -> Self {
+        let nodes: Vec<(&str, String)> = nodes
+            .iter()
+            .map(|(name, port)| (*name, format!("127.0.0.1:{port}")))
+            .collect();
+        Self::start_at(&nodes, extra_args)
+    }
+
+    /// Like `start`, with each node's `host:port`.
+    pub fn start_at(nodes: &[(&str, String)], extra_args: &[&str]) -> Self {
         let dir = TempDir::new("pgf-proxy");
         let log_path = dir.path().join("proxy.log");
         for _ in 0..START_ATTEMPTS {
@@ -103,15 +112,14 @@ fn wait_listening(child: &mut Child, port: u16, log_path: &Path) -> bool {
     }
 }
 
-fn spawn(log_path: &Path, port: u16, nodes: &[(&str, u16)], extra_args: &[&str]) -> Child {
+fn spawn(log_path: &Path, port: u16, nodes: &[(&str, String)], extra_args: &[&str]) -> Child {
     let log = File::create(log_path).expect("create proxy.log");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgfailover"));
     cmd.arg("proxy")
         .arg("--listen")
         .arg(format!("127.0.0.1:{port}"));
-    for (name, node_port) in nodes {
-        cmd.arg("--node")
-            .arg(format!("{name}=127.0.0.1:{node_port}"));
+    for (name, address) in nodes {
+        cmd.arg("--node").arg(format!("{name}={address}"));
     }
     cmd.args([
         "--monitor-user",

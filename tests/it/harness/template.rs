@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 use super::{TempDir, as_postgres, chown_postgres, pg_bin, run_ok, target_dir};
 
 /// Bump whenever the template's contents change, so stale caches rebuild.
-const VERSION: &str = "2";
+const VERSION: &str = "3";
 const VERSION_FILE: &str = "pgfailover-template-version";
 
 /// Server settings shared by every node; per-node settings (port, socket
@@ -35,7 +35,8 @@ include_if_exists = 'node.conf'
 
 /// One method per test role; everyone else (scram_user, pgfailover,
 /// postgres over TCP, replicator) uses SCRAM. The harness itself connects
-/// over the unix socket with trust.
+/// over the unix socket with trust. 198.18.0.0/15 (RFC 2544 benchmarking
+/// range) is where the veth links of `NetNs` tests live: SCRAM for all.
 const PG_HBA_CONF: &str = "
 local   all          all                          trust
 local   replication  all                          trust
@@ -44,6 +45,8 @@ host    all          password_user  127.0.0.1/32  password
 host    all          md5_user       127.0.0.1/32  md5
 host    replication  replicator     127.0.0.1/32  scram-sha-256
 host    all          all            127.0.0.1/32  scram-sha-256
+host    replication  replicator     198.18.0.0/15 scram-sha-256
+host    all          all            198.18.0.0/15 scram-sha-256
 ";
 
 /// Roles and the app database. Each statement runs on its own because
