@@ -49,6 +49,10 @@ pub struct VoteResponse {
     /// still runs, in milliseconds: promotion waits it out.
     pub lease_remaining_ms: u64,
     pub record: VoterRecord,
+    /// Refused only because this voter still sees the old primary up:
+    /// its view may just lag the candidate's, so asking again soon is fine.
+    #[serde(default)]
+    pub sees_primary: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -71,17 +71,24 @@ impl Voter {
     /// gone. The vote is on disk before the answer leaves.
     pub fn vote(&self, request: &VoteRequest) -> VoteResponse {
         let mut record = self.lock_record();
-        let verdict = self.judge_vote(&record, request).and_then(|()| {
-            let mut next = record.clone();
-            next.voted_term = request.term;
-            next.voted_for = Some(request.candidate.clone());
-            next.pending_until_ms = Some(now_ms() + self.failover_window().as_millis() as u64);
-            self.file
-                .save(&next)
-                .map_err(|e| format!("cannot persist the vote: {e}"))?;
-            *record = next;
-            Ok(())
-        });
+        let mut sees_primary = false;
+        let verdict = self
+            .judge_vote(&record, request)
+            .and_then(|()| {
+                self.judge_visibility(request)
+                    .inspect_err(|_| sees_primary = true)
+            })
+            .and_then(|()| {
+                let mut next = record.clone();
+                next.voted_term = request.term;
+                next.voted_for = Some(request.candidate.clone());
+                next.pending_until_ms = Some(now_ms() + self.failover_window().as_millis() as u64);
+                self.file
+                    .save(&next)
+                    .map_err(|e| format!("cannot persist the vote: {e}"))?;
+                *record = next;
+                Ok(())
+            });
         let (granted, reason) = match verdict {
             Ok(()) => (
                 true,
@@ -109,6 +116,7 @@ impl Voter {
             reason,
             lease_remaining_ms: self.lease_remaining_before(request.term).as_millis() as u64,
             record: record.clone(),
+            sees_primary,
         }
     }
 
@@ -150,14 +158,24 @@ impl Voter {
         }
         match request.reason {
             ElectionReason::Bootstrap => self.judge_bootstrap(record, &request.new_primary),
-            ElectionReason::Failover | ElectionReason::Adopt => {
-                let old = request
-                    .old_primary
-                    .as_deref()
-                    .ok_or("a failover needs the old primary")?;
+            ElectionReason::Failover | ElectionReason::Adopt => request
+                .old_primary
+                .as_ref()
+                .map(drop)
+                .ok_or_else(|| "a failover needs the old primary".into()),
+            ElectionReason::Switchover => Ok(()),
+        }
+    }
+
+    /// For a failover, this voter's own view must agree the old primary
+    /// is gone (checked after every rule, so a refusal for this reason
+    /// alone tells the candidate to ask again once the view catches up).
+    fn judge_visibility(&self, request: &VoteRequest) -> Result<(), String> {
+        match (&request.reason, request.old_primary.as_deref()) {
+            (ElectionReason::Failover | ElectionReason::Adopt, Some(old)) => {
                 self.judge_primary_down(old)
             }
-            ElectionReason::Switchover => Ok(()),
+            _ => Ok(()),
         }
     }
 
@@ -360,6 +378,13 @@ mod tests {
         let r = v.vote(&request(2, "p1", ElectionReason::Failover));
         assert!(!r.granted);
         assert!(r.reason.contains("still see n1"), "{}", r.reason);
+        assert!(r.sees_primary, "a refusal for visibility alone says so");
+        let stale = v.vote(&request(1, "p1", ElectionReason::Failover));
+        assert!(
+            !stale.sees_primary,
+            "an old term is refused by rule: {}",
+            stale.reason
+        );
         v.view.set_health(0, NodeHealth::Down("refused".into()));
         assert!(v.vote(&request(2, "p1", ElectionReason::Failover)).granted);
     }

@@ -1,6 +1,7 @@
 //! Terms: learning the newest one from the voters, winning a vote for the
 //! next one, and publishing it.
 
+use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -147,6 +148,7 @@ impl Coordinator {
         let mut granted = 0;
         let mut lease_wait = Duration::ZERO;
         let mut refusals = Vec::new();
+        let mut only_visibility = true;
         for reply in replies {
             if let Ok(r) = &reply {
                 self.learn_voted_term(&r.record);
@@ -156,8 +158,14 @@ impl Coordinator {
                     granted += 1;
                     lease_wait = lease_wait.max(Duration::from_millis(r.lease_remaining_ms));
                 }
-                Ok(r) => refusals.push(format!("{}: {}", r.voter, r.reason)),
-                Err(e) => refusals.push(e),
+                Ok(r) => {
+                    only_visibility &= r.sees_primary;
+                    refusals.push(format!("{}: {}", r.voter, r.reason));
+                }
+                Err(e) => {
+                    only_visibility = false;
+                    refusals.push(e);
+                }
             }
         }
         if granted >= needed {
@@ -180,11 +188,29 @@ impl Coordinator {
         self.note(term, "election_lost", Some(new_primary), detail.clone());
         // The votes we did get must not hold up leases or other candidates.
         self.peers.release_votes(term).await;
-        // Desynchronize competing candidates before the next attempt.
-        // A random pause keeps competing candidates from asking in lockstep.
-        let jitter = self.monitor.interval.mul_f64(rand::random::<f64>());
-        sleep(jitter).await;
+        self.back_off(term, only_visibility).await;
         Err(detail)
+    }
+
+    /// Pauses after a lost election. Voters that refused only because they
+    /// still see the old primary are usually a probe behind: ask again
+    /// within a fraction of an interval, a few times. Otherwise (another
+    /// candidate, an unreachable voter) a random pause of up to an
+    /// interval keeps competing candidates from asking in lockstep, and
+    /// the next attempt waits for the coordinator's next step.
+    async fn back_off(&self, term: u64, only_visibility: bool) {
+        let quick = only_visibility && self.quick_retries.take(term);
+        let pause = if quick {
+            self.monitor
+                .interval
+                .mul_f64(0.2 + 0.1 * rand::random::<f64>())
+        } else {
+            self.monitor.interval.mul_f64(rand::random::<f64>())
+        };
+        sleep(pause).await;
+        if quick {
+            self.retry_soon.notify_one();
+        }
     }
 
     /// Publishes `term` with `primary` to every voter (this one first).
@@ -253,5 +279,27 @@ impl Coordinator {
     pub(super) fn skip_term(&self, term: u64) {
         self.min_next_term
             .fetch_max(term + 1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// How many quick retries (after refusals for visibility only) are left
+/// in a term: enough to cover the voters' detection, not a flood of
+/// refused votes through a long one-sided partition.
+#[derive(Debug, Default)]
+pub(super) struct QuickRetries {
+    used: Mutex<(u64, u32)>,
+}
+
+impl QuickRetries {
+    const PER_TERM: u32 = 8;
+
+    /// Takes one quick retry for `term`, if any is left.
+    fn take(&self, term: u64) -> bool {
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        if used.0 != term {
+            *used = (term, 0);
+        }
+        used.1 += 1;
+        used.1 <= Self::PER_TERM
     }
 }

@@ -83,6 +83,9 @@ pub struct Coordinator {
     min_next_term: AtomicU64,
     /// Since when the term's primary answers as a standby.
     demoted_since: demoted::DemotedSince,
+    /// Wakes the coordinator for an early retry of a lost election.
+    retry_soon: tokio::sync::Notify,
+    quick_retries: election::QuickRetries,
 }
 
 impl Coordinator {
@@ -114,6 +117,8 @@ impl Coordinator {
             other_failover_pending: AtomicBool::new(false),
             holding: AtomicBool::new(false),
             demoted_since: demoted::DemotedSince::default(),
+            retry_soon: tokio::sync::Notify::new(),
+            quick_retries: election::QuickRetries::default(),
         })
     }
 
@@ -137,6 +142,7 @@ impl Coordinator {
                 _ = sleep(self.monitor.interval) => {}
                 _ = sleep_until(lease_end) => {}
                 _ = self.lease.changed() => {}
+                _ = self.retry_soon.notified() => {}
             }
         }
     }
