@@ -418,6 +418,53 @@ fn wait_all_route(proxies: &[Admin], voters: &[Admin], node: &str, after: u64) -
 // ---------------------------------------------------------------------------
 // 1. Visibility consensus.
 
+/// What p1 and w1 report once p1 has lost its election because w1 still
+/// sees n1: n1 down in p1's view and nothing else blocking writes, an
+/// election lost for term 2 naming w1, no new term anywhere, and w1's
+/// refusal saying why. Returns how many elections p1 lost and how many
+/// votes w1 refused.
+fn assert_refused_while_the_witness_sees_n1(p1: &Admin, w1: &Admin) -> (usize, usize) {
+    let status = p1.status();
+    let n1 = p1.node_report("n1");
+    assert_eq!(n1["state"], "down", "{n1}");
+    assert_eq!(
+        status["writes_blocked"],
+        Value::Null,
+        "nothing blocks writes but n1's health: {status}"
+    );
+    let events = p1.events();
+    let lost = kind_is(&events, "election_lost");
+    let why = lost
+        .iter()
+        .find(|e| detail(e).contains("still see n1"))
+        .expect("an election lost naming n1");
+    assert_eq!(why["term"], 2, "{why}");
+    // The candidate casts its own vote only when it completes a majority.
+    assert!(detail(why).contains("0 of 2 votes, 2 needed"), "{why}");
+    assert!(detail(why).contains("w1"), "{why}");
+    for kind in ["election_won", "promote", "failover", "term_published"] {
+        let late: Vec<_> = kind_is(&events, kind)
+            .into_iter()
+            .filter(|e| e["term"].as_u64() > Some(1))
+            .collect();
+        assert!(late.is_empty(), "{kind} in a new term: {late:?}");
+    }
+    let witness_events = w1.events();
+    let refusals = kind_is(&witness_events, "vote_refused");
+    assert!(
+        refusals
+            .iter()
+            .any(|e| detail(e).contains("I still see n1 as primary")),
+        "the witness says why it refused: {refusals:?}"
+    );
+    let grants: Vec<_> = kind_is(&witness_events, "vote_granted")
+        .into_iter()
+        .filter(|e| e["term"].as_u64() > Some(1))
+        .collect();
+    assert!(grants.is_empty(), "the witness voted: {grants:?}");
+    (lost.len(), refusals.len())
+}
+
 /// The proxy loses its route to the primary while the witness still sees
 /// it: the proxy may not promote, and says why; after the partition heals
 /// writes flow to the same primary in the same term.
@@ -471,44 +518,7 @@ async fn a_proxy_cut_off_from_the_primary_cannot_promote_while_the_witness_sees_
     });
 
     // What the operator reads.
-    let status = p1.status();
-    let n1 = p1.node_report("n1");
-    assert_eq!(n1["state"], "down", "{n1}");
-    assert_eq!(
-        status["writes_blocked"],
-        Value::Null,
-        "nothing blocks writes but n1's health: {status}"
-    );
-    let events = p1.events();
-    let lost = kind_is(&events, "election_lost");
-    let why = lost
-        .iter()
-        .find(|e| detail(e).contains("still see n1"))
-        .expect("an election lost naming n1");
-    assert_eq!(why["term"], 2, "{why}");
-    // The candidate casts its own vote only when it completes a majority.
-    assert!(detail(why).contains("0 of 2 votes, 2 needed"), "{why}");
-    assert!(detail(why).contains("w1"), "{why}");
-    for kind in ["election_won", "promote", "failover", "term_published"] {
-        let late: Vec<_> = kind_is(&events, kind)
-            .into_iter()
-            .filter(|e| e["term"].as_u64() > Some(1))
-            .collect();
-        assert!(late.is_empty(), "{kind} in a new term: {late:?}");
-    }
-    let witness_events = w1.events();
-    let refusals = kind_is(&witness_events, "vote_refused");
-    assert!(
-        refusals
-            .iter()
-            .any(|e| detail(e).contains("I still see n1 as primary")),
-        "the witness says why it refused: {refusals:?}"
-    );
-    let grants: Vec<_> = kind_is(&witness_events, "vote_granted")
-        .into_iter()
-        .filter(|e| e["term"].as_u64() > Some(1))
-        .collect();
-    assert!(grants.is_empty(), "the witness voted: {grants:?}");
+    let (lost, refusals) = assert_refused_while_the_witness_sees_n1(&p1, &w1);
 
     // The session opened during the partition was held, then refused.
     let (result, waited) = held.await.unwrap();
@@ -536,8 +546,7 @@ async fn a_proxy_cut_off_from_the_primary_cannot_promote_while_the_witness_sees_
          election refused {refused:?} after it ({} election_lost / {} vote_refused events), \
          no promotion in {OBSERVE:?}; held session refused after {waited:?}; \
          writes on n1 again {back:?} after the heal, term 1",
-        lost.len(),
-        refusals.len()
+        lost, refusals
     );
 }
 
@@ -661,42 +670,7 @@ async fn a_silent_partition_between_proxy_and_primary_does_not_promote_while_the
     );
 
     // What the operator reads.
-    let status = p1.status();
-    assert_eq!(p1.node_report("n1")["state"], "down");
-    assert_eq!(
-        status["writes_blocked"],
-        Value::Null,
-        "nothing blocks writes but n1's health: {status}"
-    );
-    let events = p1.events();
-    let lost = kind_is(&events, "election_lost");
-    let why = lost
-        .iter()
-        .find(|e| detail(e).contains("still see n1"))
-        .expect("an election lost naming n1");
-    assert_eq!(why["term"], 2, "{why}");
-    assert!(detail(why).contains("0 of 2 votes, 2 needed"), "{why}");
-    assert!(detail(why).contains("w1"), "{why}");
-    for kind in ["election_won", "promote", "failover", "term_published"] {
-        let late: Vec<_> = kind_is(&events, kind)
-            .into_iter()
-            .filter(|e| e["term"].as_u64() > Some(1))
-            .collect();
-        assert!(late.is_empty(), "{kind} in a new term: {late:?}");
-    }
-    let witness_events = w1.events();
-    let refusals = kind_is(&witness_events, "vote_refused");
-    assert!(
-        refusals
-            .iter()
-            .any(|e| detail(e).contains("I still see n1 as primary")),
-        "the witness says why it refused: {refusals:?}"
-    );
-    let grants: Vec<_> = kind_is(&witness_events, "vote_granted")
-        .into_iter()
-        .filter(|e| e["term"].as_u64() > Some(1))
-        .collect();
-    assert!(grants.is_empty(), "the witness voted: {grants:?}");
+    let (lost, refusals) = assert_refused_while_the_witness_sees_n1(&p1, &w1);
 
     // The session opened during the partition was held, then refused.
     let (result, waited) = held.await.unwrap();
@@ -742,9 +716,7 @@ async fn a_silent_partition_between_proxy_and_primary_does_not_promote_while_the
          it ({} election_lost / {} vote_refused events), no promotion in {OBSERVE:?}; held \
          session refused after {waited:?}; a query sent across the cut answered {answered:?} \
          after the heal; writes on n1 again {back:?} after the heal, term 1",
-        down_report["detail"],
-        lost.len(),
-        refusals.len()
+        down_report["detail"], lost, refusals
     );
 }
 
