@@ -418,6 +418,31 @@ fn wait_all_route(proxies: &[Admin], voters: &[Admin], node: &str, after: u64) -
 // ---------------------------------------------------------------------------
 // 1. Visibility consensus.
 
+/// Waits until p1 has lost an election because w1 still sees n1.
+fn wait_election_refused(p1: &Admin) {
+    wait_until(
+        "p1 records an election lost because w1 still sees n1",
+        DEADLINE,
+        || {
+            kind_is(&p1.events(), "election_lost")
+                .iter()
+                .any(|e| detail(e).contains("still see n1"))
+        },
+    );
+}
+
+/// For the whole observation window the standby stays one, p1 keeps n1
+/// as the primary of term 1 without routing to it, and w1 stays at term 1.
+fn observe_term_1_stays(p1: &Admin, w1: &Admin, standby: &PgNode) {
+    observe_no_promotion(standby, OBSERVE, || {
+        let s = p1.status();
+        assert_eq!(s["term"], 1, "{s}");
+        assert_eq!(s["primary"], "n1", "{s}");
+        assert_eq!(s["routing_to"], Value::Null, "{s}");
+        assert_eq!(w1.record()["term"], 1);
+    });
+}
+
 /// What p1 and w1 report once p1 has lost its election because w1 still
 /// sees n1: n1 down in p1's view and nothing else blocking writes, an
 /// election lost for term 2 naming w1, no new term anywhere, and w1's
@@ -499,23 +524,9 @@ async fn a_proxy_cut_off_from_the_primary_cannot_promote_while_the_witness_sees_
         p1.node_report("n1")["state"] == "down"
     });
     let seen_down = cut.elapsed();
-    wait_until(
-        "p1 records an election lost because w1 still sees n1",
-        DEADLINE,
-        || {
-            kind_is(&p1.events(), "election_lost")
-                .iter()
-                .any(|e| detail(e).contains("still see n1"))
-        },
-    );
+    wait_election_refused(&p1);
     let refused = cut.elapsed();
-    observe_no_promotion(&cluster.standby, OBSERVE, || {
-        let s = p1.status();
-        assert_eq!(s["term"], 1, "{s}");
-        assert_eq!(s["primary"], "n1", "{s}");
-        assert_eq!(s["routing_to"], Value::Null, "{s}");
-        assert_eq!(w1.record()["term"], 1);
-    });
+    observe_term_1_stays(&p1, &w1, &cluster.standby);
 
     // What the operator reads.
     let (lost, refusals) = assert_refused_while_the_witness_sees_n1(&p1, &w1);
@@ -645,23 +656,9 @@ async fn a_silent_partition_between_proxy_and_primary_does_not_promote_while_the
         down_after >= Duration::from_secs(2),
         "n1 down {down_after:?} after a silent cut, before --down-after (3s)"
     );
-    wait_until(
-        "p1 records an election lost because w1 still sees n1",
-        DEADLINE,
-        || {
-            kind_is(&p1.events(), "election_lost")
-                .iter()
-                .any(|e| detail(e).contains("still see n1"))
-        },
-    );
+    wait_election_refused(&p1);
     let refused = cut.elapsed();
-    observe_no_promotion(&cluster.standby, OBSERVE, || {
-        let s = p1.status();
-        assert_eq!(s["term"], 1, "{s}");
-        assert_eq!(s["primary"], "n1", "{s}");
-        assert_eq!(s["routing_to"], Value::Null, "{s}");
-        assert_eq!(w1.record()["term"], 1);
-    });
+    observe_term_1_stays(&p1, &w1, &cluster.standby);
     // Link B was never cut: the witness still sees n1, n2 still streams.
     assert_eq!(w1.node_report("n1")["state"], "primary");
     assert_eq!(

@@ -21,6 +21,11 @@ impl PgCluster {
     pub fn primary_with_standby() -> Self {
         let primary = PgNode::primary("n1");
         let standby = PgNode::standby_of("n2", &primary, STANDBY_SLOT);
+        Self::pair(primary, standby)
+    }
+
+    /// A primary and its one standby, once the standby streams.
+    fn pair(primary: PgNode, standby: PgNode) -> Self {
         let cluster = Self {
             primary,
             standby,
@@ -39,13 +44,7 @@ impl PgCluster {
         assert!(listen.contains(&via), "{via} is not one of {listen:?}");
         let primary = PgNode::primary_in("n1", netns, listen);
         let standby = PgNode::standby_of_at("n2", &primary, via, STANDBY_SLOT);
-        let cluster = Self {
-            primary,
-            standby,
-            more_standbys: Vec::new(),
-        };
-        cluster.wait_streaming();
-        cluster
+        Self::pair(primary, standby)
     }
 
     /// Primary `n1` and standbys `n2`, `n3`, ... (`count` of them), each

@@ -180,33 +180,23 @@ impl Link {
 
     /// Ends the partition: both ends get their default qdisc back.
     pub fn heal(&self) {
-        run_ok(Command::new("tc").args(["qdisc", "del", "dev", &self.root_if, "root"]));
-        run_ok(Command::new("tc").args([
-            "-n",
-            &self.ns,
-            "qdisc",
-            "del",
-            "dev",
-            &self.ns_if,
-            "root",
-        ]));
+        self.remove_blackholes(|cmd| {
+            run_ok(cmd);
+        });
         self.cut.store(false, Ordering::SeqCst);
+    }
+
+    /// Deletes the qdisc on both ends, each command run by `run`.
+    fn remove_blackholes(&self, run: fn(&mut Command)) {
+        run(Command::new("tc").args(["qdisc", "del", "dev", &self.root_if, "root"]));
+        run(Command::new("tc").args(["-n", &self.ns, "qdisc", "del", "dev", &self.ns_if, "root"]));
     }
 }
 
 impl Drop for Link {
     fn drop(&mut self) {
         if self.cut.load(Ordering::SeqCst) {
-            quiet(Command::new("tc").args(["qdisc", "del", "dev", &self.root_if, "root"]));
-            quiet(Command::new("tc").args([
-                "-n",
-                &self.ns,
-                "qdisc",
-                "del",
-                "dev",
-                &self.ns_if,
-                "root",
-            ]));
+            self.remove_blackholes(quiet);
         }
         quiet(Command::new("ip").args(["link", "del", &self.root_if]));
     }

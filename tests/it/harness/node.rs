@@ -33,13 +33,7 @@ impl PgNode {
     /// A fresh primary copied from the template, started.
     pub fn primary(name: &str) -> Self {
         let node = Self::empty(name);
-        run_ok(
-            Command::new("cp")
-                .arg("-a")
-                .arg(template_dir())
-                .arg(node.data_dir()),
-        );
-        node.started()
+        node.started_from_template()
     }
 
     /// Like `primary`, but the postmaster runs in the network namespace
@@ -51,13 +45,7 @@ impl PgNode {
         let mut node = Self::empty(name);
         node.netns = Some(netns.path());
         node.listen = Some(listen.join(","));
-        run_ok(
-            Command::new("cp")
-                .arg("-a")
-                .arg(template_dir())
-                .arg(node.data_dir()),
-        );
-        node.started()
+        node.started_from_template()
     }
 
     /// A streaming standby of `primary`, cloned with pg_basebackup through a
@@ -86,6 +74,17 @@ impl PgNode {
                 .args(["--checkpoint=fast", "-X", "stream", "--no-sync"]),
         );
         node.started()
+    }
+
+    /// Copies the template into the data directory and starts the node.
+    fn started_from_template(self) -> Self {
+        run_ok(
+            Command::new("cp")
+                .arg("-a")
+                .arg(template_dir())
+                .arg(self.data_dir()),
+        );
+        self.started()
     }
 
     fn empty(name: &str) -> Self {
