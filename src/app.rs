@@ -2,7 +2,6 @@
 //! and admin API, plus the proxy's data plane and failover coordinator.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
@@ -15,6 +14,7 @@ use crate::admin::{self, AdminState};
 use crate::config::{
     EnvSecrets, MemberConfig, MonitorConfig, NodeConfig, ProxyConfig, ProxyOptions, WitnessConfig,
 };
+use crate::consensus::timing::PEER_TIMEOUT;
 use crate::consensus::{MemberKind, Peers, StateFile, Voter};
 use crate::events::EventLog;
 use crate::failover::{Coordinator, LeaseKeeper};
@@ -23,9 +23,6 @@ use crate::metrics::Metrics;
 use crate::monitor;
 use crate::proxy::{Proxy, SessionLimits, Sessions};
 use crate::topology::TopologyStore;
-
-/// Bound on one call to another voter.
-const PEER_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// What every member runs: a monitor of the nodes and a voter.
 struct Member {

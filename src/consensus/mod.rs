@@ -6,11 +6,14 @@
 pub mod messages;
 pub mod peers;
 pub mod record;
+pub mod state;
+pub mod timing;
 pub mod voter;
 
 pub use messages::MemberKind;
 pub use peers::Peers;
 pub use record::{StateFile, VoterRecord};
+pub use timing::Timing;
 pub use voter::Voter;
 
 /// Votes needed out of `voters`: a strict majority.

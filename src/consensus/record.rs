@@ -23,11 +23,17 @@ pub fn now_ms() -> u64 {
 }
 
 impl VoterRecord {
-    /// A vote for a newer term whose candidate may still be promoting.
-    pub fn pending_vote(&self) -> Option<(u64, &str)> {
+    /// A vote for a newer term whose candidate may still be promoting,
+    /// at wall-clock time `now_ms`.
+    pub fn pending_vote(&self, now_ms: u64) -> Option<(u64, &str)> {
         let until = self.pending_until_ms?;
-        (self.voted_term > self.term && now_ms() < until)
+        (self.voted_term > self.term && now_ms < until)
             .then(|| (self.voted_term, self.voted_for.as_deref().unwrap_or("-")))
+    }
+
+    /// `pending_vote` now.
+    pub fn pending_vote_now(&self) -> Option<(u64, &str)> {
+        self.pending_vote(now_ms())
     }
 }
 

@@ -40,7 +40,7 @@ impl Coordinator {
             // is under way, and competing with it only delays both.
             other_pending |= state
                 .record
-                .pending_vote()
+                .pending_vote_now()
                 .is_some_and(|(term, candidate)| candidate != me.name && term > mine.term);
             if state.voter != me.name {
                 me.remember_kind(&state.voter, state.kind);
@@ -266,12 +266,9 @@ impl Coordinator {
     /// (A vote released by a candidate that lost is no threat: only a
     /// published term or a vote still held for a newer term counts.)
     pub(super) async fn newer_term_known(&self, term: u64) -> bool {
-        self.peers
-            .states()
-            .await
-            .iter()
-            .flatten()
-            .any(|s| s.record.term > term || s.record.pending_vote().is_some_and(|(t, _)| t > term))
+        self.peers.states().await.iter().flatten().any(|s| {
+            s.record.term > term || s.record.pending_vote_now().is_some_and(|(t, _)| t > term)
+        })
     }
 
     /// After giving up `term`, the next attempt uses a newer one: a term

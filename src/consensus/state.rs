@@ -1,0 +1,322 @@
+//! A voter's protocol as a pure state machine: requests and the current
+//! time in, answers and the record to persist out. No sockets, no clock,
+//! no disk: the `Voter` shell reads the clock and writes the record, and
+//! the deterministic simulation (`crate::sim`) drives this same code with
+//! simulated time, crashes and lost writes.
+//!
+//! What a voter guarantees:
+//! - at most one vote per term, on disk before the answer leaves
+//!   (`persist` runs before the answer is built);
+//! - a vote for a failover only while its own view sees the old primary
+//!   down (visibility consensus);
+//! - no lease renewed for a term once it voted for a newer one, and the
+//!   longest lease it may still have running reported with every vote,
+//!   even across its own restart (it forgets the leases it granted, so it
+//!   assumes one was granted just before it stopped);
+//! - terms only move forward, and a lease holder that knows a newer
+//!   published term than the voter teaches it (voters converge).
+
+use std::collections::HashMap;
+
+use super::messages::{
+    ElectionReason, LeaseRequest, LeaseResponse, PublishRequest, VoteRequest, VoteResponse,
+};
+use super::record::VoterRecord;
+use super::timing::Timing;
+use crate::topology::{NodeHealth, NodeState};
+
+/// Milliseconds on a member's clocks.
+pub type Millis = u64;
+
+/// The time a decision is made at: `mono` orders leases (never jumps),
+/// `wall` stamps vote holds, which must outlive a restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Now {
+    pub mono: Millis,
+    pub wall: Millis,
+}
+
+/// Writes a record durably (fsync) before the answer that depends on it.
+pub type Persist<'a> = &'a mut dyn FnMut(&VoterRecord) -> Result<(), String>;
+
+pub struct VoterState {
+    name: String,
+    timing: Timing,
+    record: VoterRecord,
+    /// Leases granted since this voter started: holder -> (term, expiry).
+    leases: HashMap<String, (u64, Millis)>,
+    /// Leases granted before the last start are forgotten: any may run
+    /// until this instant.
+    forgotten_leases_until: Millis,
+}
+
+impl VoterState {
+    /// A voter (re)starting on its durable record at `now`.
+    pub fn start(name: String, timing: Timing, record: VoterRecord, now: Now) -> Self {
+        Self {
+            name,
+            timing,
+            record,
+            leases: HashMap::new(),
+            forgotten_leases_until: now.mono + ms(timing.lease),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn record(&self) -> &VoterRecord {
+        &self.record
+    }
+
+    pub fn timing(&self) -> Timing {
+        self.timing
+    }
+
+    /// Grants at most one candidate per term (the same one may ask again),
+    /// only for a term newer than any it knows, and only if `view` agrees
+    /// the old primary is gone.
+    pub fn vote(
+        &mut self,
+        request: &VoteRequest,
+        view: &[NodeState],
+        now: Now,
+        persist: Persist<'_>,
+    ) -> VoteResponse {
+        let mut sees_primary = false;
+        let verdict = judge_vote(&self.record, request, view, now).and_then(|()| {
+            judge_visibility(request, view).inspect_err(|_| sees_primary = true)?;
+            let mut next = self.record.clone();
+            next.voted_term = request.term;
+            next.voted_for = Some(request.candidate.clone());
+            next.pending_until_ms = Some(now.wall + ms(self.timing.hold_window()));
+            self.commit(next, persist)
+                .map_err(|e| format!("cannot persist the vote: {e}"))
+        });
+        let (granted, reason) = match verdict {
+            Ok(()) => (
+                true,
+                format!("vote for {} in term {}", request.candidate, request.term),
+            ),
+            Err(reason) => (false, reason),
+        };
+        VoteResponse {
+            voter: self.name.clone(),
+            granted,
+            reason,
+            lease_remaining_ms: self.lease_remaining_before(request.term, now),
+            record: self.record.clone(),
+            sees_primary,
+        }
+    }
+
+    /// How long the longest lease granted for a term older than `term`
+    /// may still run, forgotten ones included.
+    pub fn lease_remaining_before(&self, term: u64, now: Now) -> Millis {
+        self.leases
+            .values()
+            .filter(|(t, _)| *t < term)
+            .map(|(_, expires)| *expires)
+            .chain([self.forgotten_leases_until])
+            .max()
+            .unwrap_or_default()
+            .saturating_sub(now.mono)
+    }
+
+    /// Renews `holder`'s lease to write through the primary of `term`,
+    /// unless this voter knows a newer term or voted for one. A holder
+    /// that knows a newer published term than this voter teaches it first.
+    pub fn lease(
+        &mut self,
+        request: &LeaseRequest,
+        now: Now,
+        persist: Persist<'_>,
+    ) -> LeaseResponse {
+        if request.term > self.record.term {
+            let learn = PublishRequest {
+                term: request.term,
+                primary: request.primary.clone(),
+            };
+            // A refusal here (a vote held for a newer term) is the answer
+            // below too.
+            let _ = self.publish(&learn, persist);
+        }
+        let refusal = if let Some((term, candidate)) = self.record.pending_vote(now.wall) {
+            Some(format!("voted for {candidate} in newer term {term}"))
+        } else if self.record.term != request.term {
+            Some(format!("current term is {}", self.record.term))
+        } else if self.record.primary.as_deref() != Some(request.primary.as_str()) {
+            Some(format!(
+                "primary of term {} is {}",
+                self.record.term,
+                self.record.primary.as_deref().unwrap_or("none")
+            ))
+        } else {
+            None
+        };
+        if refusal.is_none() {
+            let expires = now.mono + ms(self.timing.lease);
+            self.leases
+                .insert(request.holder.clone(), (request.term, expires));
+        }
+        LeaseResponse {
+            voter: self.name.clone(),
+            granted: refusal.is_none(),
+            duration_ms: ms(self.timing.lease),
+            reason: refusal.unwrap_or_else(|| "granted".into()),
+            record: self.record.clone(),
+        }
+    }
+
+    /// Records a newly published term. Refuses an older term, and a
+    /// different primary for the same term (which would be a split brain).
+    pub fn publish(
+        &mut self,
+        request: &PublishRequest,
+        persist: Persist<'_>,
+    ) -> Result<VoterRecord, String> {
+        let record = &self.record;
+        if request.term < record.term {
+            return Err(format!(
+                "term {} is older than {}",
+                request.term, record.term
+            ));
+        }
+        if request.term == record.term {
+            return if record.primary.as_deref() == Some(request.primary.as_str()) {
+                Ok(record.clone())
+            } else {
+                Err(format!(
+                    "term {} already has primary {}",
+                    record.term,
+                    record.primary.as_deref().unwrap_or("none")
+                ))
+            };
+        }
+        let mut next = record.clone();
+        next.term = request.term;
+        next.primary = Some(request.primary.clone());
+        if request.term >= next.voted_term {
+            if request.term > next.voted_term {
+                next.voted_for = None;
+            }
+            next.voted_term = request.term;
+            next.pending_until_ms = None;
+        }
+        self.commit(next, persist)
+            .map_err(|e| format!("cannot persist term {}: {e}", request.term))?;
+        Ok(self.record.clone())
+    }
+
+    /// The candidate of `term` gave up before promoting anyone: its vote
+    /// no longer holds anything up (the term itself stays voted, never
+    /// reused).
+    pub fn release(&mut self, term: u64, candidate: &str, persist: Persist<'_>) {
+        if self.record.voted_term != term || self.record.voted_for.as_deref() != Some(candidate) {
+            return;
+        }
+        let mut next = self.record.clone();
+        next.pending_until_ms = None;
+        let _ = self.commit(next, persist);
+    }
+
+    /// Changes the record only once it is on disk.
+    pub fn commit(&mut self, next: VoterRecord, persist: Persist<'_>) -> Result<(), String> {
+        if next != self.record {
+            persist(&next)?;
+            self.record = next;
+        }
+        Ok(())
+    }
+}
+
+fn judge_vote(
+    record: &VoterRecord,
+    request: &VoteRequest,
+    view: &[NodeState],
+    now: Now,
+) -> Result<(), String> {
+    let same_vote = request.term == record.voted_term
+        && record.voted_for.as_deref() == Some(&request.candidate);
+    if let Some((term, candidate)) = record.pending_vote(now.wall)
+        && candidate != request.candidate
+    {
+        // One failover at a time: a second candidate leapfrogging the
+        // first one's term would have both promoting.
+        return Err(format!(
+            "{candidate}'s failover for term {term} is in progress"
+        ));
+    }
+    if request.term <= record.voted_term && !same_vote {
+        return Err(format!(
+            "already voted in term {} (for {})",
+            record.voted_term,
+            record.voted_for.as_deref().unwrap_or("-")
+        ));
+    }
+    if request.term <= record.term {
+        return Err(format!("term {} is already published", record.term));
+    }
+    if record.term > 0 && record.primary != request.old_primary {
+        return Err(format!(
+            "the primary of term {} is {}, not {}",
+            record.term,
+            record.primary.as_deref().unwrap_or("none"),
+            request.old_primary.as_deref().unwrap_or("none")
+        ));
+    }
+    match request.reason {
+        ElectionReason::Bootstrap => judge_bootstrap(record, view, &request.new_primary),
+        ElectionReason::Failover | ElectionReason::Adopt => request
+            .old_primary
+            .as_ref()
+            .map(drop)
+            .ok_or_else(|| "a failover needs the old primary".into()),
+        ElectionReason::Switchover => Ok(()),
+    }
+}
+
+/// For a failover, this voter's own view must agree the old primary is
+/// gone (checked after every rule, so a refusal for this reason alone
+/// tells the candidate to ask again once the view catches up). A primary
+/// in recovery (demoted) takes no writes: it is replaced.
+fn judge_visibility(request: &VoteRequest, view: &[NodeState]) -> Result<(), String> {
+    let (ElectionReason::Failover | ElectionReason::Adopt, Some(old)) =
+        (&request.reason, request.old_primary.as_deref())
+    else {
+        return Ok(());
+    };
+    let Some(node) = view.iter().find(|n| n.spec.name == old) else {
+        return Err(format!("{old} is not a node I know"));
+    };
+    if node.health.is_down() || node.health == NodeHealth::Standby {
+        Ok(())
+    } else {
+        Err(format!("I still see {old} as {}", node.health))
+    }
+}
+
+fn judge_bootstrap(record: &VoterRecord, view: &[NodeState], node: &str) -> Result<(), String> {
+    if record.term != 0 {
+        return Err(format!("the cluster already has term {}", record.term));
+    }
+    if let Some(unknown) = view.iter().find(|n| n.health == NodeHealth::Unknown) {
+        return Err(format!("I have not probed {} yet", unknown.spec.name));
+    }
+    let writable: Vec<&str> = view
+        .iter()
+        .filter(|n| n.health == NodeHealth::Primary)
+        .map(|n| n.spec.name.as_str())
+        .collect();
+    if writable != [node] {
+        return Err(format!(
+            "I see writable nodes {writable:?}, not just {node}"
+        ));
+    }
+    Ok(())
+}
+
+pub fn ms(d: std::time::Duration) -> Millis {
+    d.as_millis() as Millis
+}
