@@ -30,3 +30,6 @@ pub mod ops;
 pub mod protocol;
 pub mod proxy;
 pub mod topology;
+
+#[cfg(test)]
+mod sim;

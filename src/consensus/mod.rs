@@ -3,6 +3,7 @@
 //! voters; each voter grants one vote per term, persisted before it
 //! answers, and only if it too sees the old primary down.
 
+pub mod holder;
 pub mod messages;
 pub mod peers;
 pub mod record;

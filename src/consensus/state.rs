@@ -320,3 +320,99 @@ fn judge_bootstrap(record: &VoterRecord, view: &[NodeState], node: &str) -> Resu
 pub fn ms(d: std::time::Duration) -> Millis {
     d.as_millis() as Millis
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::topology::NodeHealth;
+
+    fn at(mono: Millis) -> Now {
+        Now { mono, wall: mono }
+    }
+
+    fn record() -> VoterRecord {
+        VoterRecord {
+            voted_term: 1,
+            term: 1,
+            primary: Some("n1".into()),
+            ..VoterRecord::default()
+        }
+    }
+
+    fn view() -> Vec<NodeState> {
+        ["n1", "n2"]
+            .iter()
+            .map(|n| NodeState {
+                spec: std::sync::Arc::new(crate::config::NodeSpec {
+                    name: (*n).into(),
+                    host: "h".into(),
+                    port: 1,
+                }),
+                health: if *n == "n1" {
+                    NodeHealth::Down("refused".into())
+                } else {
+                    NodeHealth::Standby
+                },
+            })
+            .collect()
+    }
+
+    /// Defect: a voter restarted during a lease answered the next vote
+    /// with no lease running, and the winner promoted while the old
+    /// holder still routed writes.
+    #[test]
+    fn a_restarted_voter_reports_the_leases_it_may_have_forgotten() {
+        let timing = Timing::new(Duration::from_secs(4));
+        let mut before = VoterState::start("w1".into(), timing, record(), at(0));
+        let lease = LeaseRequest {
+            term: 1,
+            holder: "p1".into(),
+            primary: "n1".into(),
+        };
+        assert!(before.lease(&lease, at(10_000), &mut |_| Ok(())).granted);
+        // Crash at 10.5 s, restart at 11 s on the same record.
+        let mut after = VoterState::start("w1".into(), timing, record(), at(11_000));
+        let vote = VoteRequest {
+            term: 2,
+            candidate: "p2".into(),
+            old_primary: Some("n1".into()),
+            new_primary: "n2".into(),
+            reason: ElectionReason::Failover,
+        };
+        let reply = after.vote(&vote, &view(), at(11_500), &mut |_| Ok(()));
+        assert!(reply.granted, "{}", reply.reason);
+        // p1's lease runs until 14 s on this clock: the winner must wait.
+        assert!(
+            reply.lease_remaining_ms >= 14_000 - 11_500,
+            "reported {} ms",
+            reply.lease_remaining_ms
+        );
+    }
+
+    /// Defect: a witness that missed a publish refused every later lease
+    /// and vote; a lease holder that knows the newer term teaches it.
+    #[test]
+    fn a_voter_behind_learns_the_term_from_a_lease_holder() {
+        let timing = Timing::new(Duration::from_secs(4));
+        let mut w = VoterState::start("w1".into(), timing, record(), at(0));
+        let lease = LeaseRequest {
+            term: 3,
+            holder: "p1".into(),
+            primary: "n2".into(),
+        };
+        let mut saved = None;
+        let reply = w.lease(&lease, at(5_000), &mut |r| {
+            saved = Some(r.clone());
+            Ok(())
+        });
+        assert!(reply.granted, "{}", reply.reason);
+        assert_eq!(w.record().term, 3);
+        assert_eq!(
+            saved.map(|r| r.primary),
+            Some(Some("n2".into())),
+            "on disk first"
+        );
+    }
+}

@@ -9,6 +9,7 @@ use tokio::time::sleep;
 use tracing::info;
 
 use super::{Coordinator, writable_nodes};
+use crate::consensus::holder::tally;
 use crate::consensus::majority;
 use crate::consensus::messages::{ElectionReason, PublishRequest, VoteRequest};
 use crate::topology::{NodeHealth, Topology};
@@ -76,6 +77,9 @@ impl Coordinator {
     /// The term of the next election: after the published one, and past
     /// any term some voter already gave to another candidate.
     pub(super) fn next_term(&self, published: u64) -> u64 {
+        // This member's own voter first: a term it gave another candidate
+        // cannot be won here (it would refuse its own candidate last).
+        self.learn_voted_term(&self.peers.me().record());
         (published + 1).max(
             self.min_next_term
                 .load(std::sync::atomic::Ordering::Relaxed),
@@ -145,29 +149,11 @@ impl Coordinator {
             ),
         );
         let replies = self.peers.request_votes(&request).await;
-        let mut granted = 0;
-        let mut lease_wait = Duration::ZERO;
-        let mut refusals = Vec::new();
-        let mut only_visibility = true;
-        for reply in replies {
-            if let Ok(r) = &reply {
-                self.learn_voted_term(&r.record);
-            }
-            match reply {
-                Ok(r) if r.granted => {
-                    granted += 1;
-                    lease_wait = lease_wait.max(Duration::from_millis(r.lease_remaining_ms));
-                }
-                Ok(r) => {
-                    only_visibility &= r.sees_primary;
-                    refusals.push(format!("{}: {}", r.voter, r.reason));
-                }
-                Err(e) => {
-                    only_visibility = false;
-                    refusals.push(e);
-                }
-            }
+        let counted = tally(&request.candidate, &replies);
+        for reply in replies.iter().flatten() {
+            self.learn_voted_term(&reply.record);
         }
+        let granted = counted.granted;
         if granted >= needed {
             self.events.record(
                 term,
@@ -176,19 +162,19 @@ impl Coordinator {
                 format!("{granted} of {} votes ({reason:?})", self.peers.count()),
             );
             return Ok(Won {
-                lease_wait,
+                lease_wait: Duration::from_millis(counted.lease_wait),
                 act_before,
             });
         }
         let detail = format!(
             "{granted} of {} votes, {needed} needed: {}",
             self.peers.count(),
-            refusals.join("; ")
+            counted.refusals.join("; ")
         );
         self.note(term, "election_lost", Some(new_primary), detail.clone());
         // The votes we did get must not hold up leases or other candidates.
         self.peers.release_votes(term).await;
-        self.back_off(term, only_visibility).await;
+        self.back_off(term, counted.only_visibility).await;
         Err(detail)
     }
 
