@@ -163,6 +163,7 @@ pub async fn run_proxy(config: ProxyConfig, reload: Reload) -> anyhow::Result<()
         member.peers.other_names().map(str::to_owned),
         &member.peers.me().record().member_kinds,
         config.member.lease_duration,
+        Arc::clone(&member.topology),
     ));
     let sessions = Arc::new(Sessions::default());
     let coordinator = Coordinator::new(

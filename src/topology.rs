@@ -9,13 +9,16 @@
 //! beside the snapshot and wakes nobody.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use crate::config::NodeSpec;
+use crate::consensus::voter::mono_ms;
 use crate::monitor::NodeStatus;
 
 /// What the monitor last judged about one node.
@@ -133,9 +136,76 @@ impl Topology {
     }
 }
 
+/// The data plane's own view of the routing lease: the instant (on
+/// `mono_ms`) writes must stop, written by the lease keeper on every
+/// renewal, read by every relay before it forwards a client's bytes and
+/// watched by a timer of its own. It does not wait for the coordinator
+/// to publish a new snapshot, so a delayed or frozen control loop cannot
+/// stretch a lease.
+pub struct LeaseGate {
+    deadline_ms: AtomicU64,
+    changed: Notify,
+}
+
+impl Default for LeaseGate {
+    fn default() -> Self {
+        Self {
+            deadline_ms: AtomicU64::new(Self::NOT_NEEDED),
+            changed: Notify::new(),
+        }
+    }
+}
+
+impl LeaseGate {
+    /// A lone proxy routes without a lease.
+    const NOT_NEEDED: u64 = u64::MAX;
+    /// What a client evicted at the lease's end reads.
+    pub const EXPIRED: &str =
+        "this proxy's routing lease ran out (it cannot reach a majority of voters); reconnect";
+
+    /// Writes may be forwarded until `deadline_ms` (`None`: no lease is
+    /// needed).
+    pub fn set(&self, deadline_ms: Option<u64>) {
+        let value = deadline_ms.unwrap_or(Self::NOT_NEEDED);
+        if self.deadline_ms.swap(value, Ordering::SeqCst) != value {
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// True while writes may be forwarded. One atomic load and a clock
+    /// read: cheap enough for every chunk a relay forwards.
+    pub fn allows(&self) -> bool {
+        let deadline = self.deadline_ms.load(Ordering::SeqCst);
+        deadline == Self::NOT_NEEDED || mono_ms() < deadline
+    }
+
+    /// Resolves once the lease has run out (checked again whenever the
+    /// deadline moves). Cancel safe.
+    pub async fn expired(&self) -> String {
+        loop {
+            let changed = self.changed.notified();
+            let deadline = self.deadline_ms.load(Ordering::SeqCst);
+            if deadline != Self::NOT_NEEDED {
+                let now = mono_ms();
+                if now >= deadline {
+                    return Self::EXPIRED.into();
+                }
+                tokio::select! {
+                    _ = changed => {}
+                    _ = tokio::time::sleep(Duration::from_millis(deadline - now)) => {}
+                }
+            } else {
+                changed.await;
+            }
+        }
+    }
+}
+
 /// Owner of the current snapshot. Writers are serialized by a mutex
 /// (the control plane is not hot); readers never take it.
 pub struct TopologyStore {
+    /// The routing lease as the data plane enforces it.
+    pub lease: LeaseGate,
     current: ArcSwap<Topology>,
     write_lock: Mutex<()>,
     changed: watch::Sender<u64>,
@@ -160,6 +230,7 @@ impl TopologyStore {
                 .collect(),
         };
         Self {
+            lease: LeaseGate::default(),
             current: ArcSwap::from_pointee(topology),
             write_lock: Mutex::new(()),
             changed: watch::channel(0).0,
@@ -284,6 +355,19 @@ mod tests {
         assert!(s.load().still_routes(1, "n1"), "but keeps the open ones");
         s.set_route(1, Some(0), Some("lease lost".into()));
         assert!(!s.load().still_routes(1, "n1"));
+    }
+
+    #[tokio::test]
+    async fn the_lease_gate_closes_on_its_own_timer() {
+        let s = store();
+        assert!(s.lease.allows(), "a lone proxy needs no lease");
+        s.lease.set(Some(mono_ms() + 150));
+        assert!(s.lease.allows());
+        let waited = tokio::time::timeout(Duration::from_secs(5), s.lease.expired()).await;
+        assert!(waited.is_ok_and(|r| r.contains("lease")));
+        assert!(!s.lease.allows(), "no write forwarded past the deadline");
+        s.lease.set(Some(mono_ms() + 60_000));
+        assert!(s.lease.allows(), "a renewal opens it again");
     }
 
     #[test]

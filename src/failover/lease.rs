@@ -13,15 +13,20 @@ use tokio::sync::Notify;
 use tokio::time::{Instant, sleep};
 use tokio_util::sync::CancellationToken;
 
+use crate::consensus::holder::{LeaseHolder, Renewal};
 use crate::consensus::messages::{LeaseRequest, MemberKind};
+use crate::consensus::voter::mono_ms;
 use crate::consensus::{Peers, majority};
 use crate::events::EventLog;
+use crate::topology::TopologyStore;
 
 pub struct LeaseKeeper {
     duration: Duration,
     /// Kinds of the other voters; unknown ones count as possible proxies.
     kinds: Mutex<BTreeMap<String, Option<MemberKind>>>,
-    valid_until: Mutex<Option<Instant>>,
+    holder: Mutex<LeaseHolder>,
+    /// Where the data plane reads the lease (`TopologyStore::lease`).
+    topology: Arc<TopologyStore>,
     changed: Notify,
 }
 
@@ -30,16 +35,32 @@ impl LeaseKeeper {
         others: impl Iterator<Item = String>,
         known: &BTreeMap<String, MemberKind>,
         duration: Duration,
+        topology: Arc<TopologyStore>,
     ) -> Self {
         let kinds = others
             .map(|n| (n.clone(), known.get(&n).copied()))
             .collect();
-        Self {
+        let keeper = Self {
             duration,
             kinds: Mutex::new(kinds),
-            valid_until: Mutex::new(None),
+            holder: Mutex::new(LeaseHolder::new(0)),
+            topology,
             changed: Notify::new(),
-        }
+        };
+        keeper.publish_gate();
+        keeper
+    }
+
+    /// Tells the data plane until when it may forward writes.
+    fn publish_gate(&self) {
+        let deadline = self
+            .needed()
+            .then(|| self.lock_holder().valid_until().unwrap_or(0));
+        self.topology.lease.set(deadline);
+    }
+
+    fn lock_holder(&self) -> std::sync::MutexGuard<'_, LeaseHolder> {
+        self.holder.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// True when another voter is, or may be, a proxy.
@@ -56,16 +77,19 @@ impl LeaseKeeper {
             && *slot != Some(kind)
         {
             *slot = Some(kind);
+            drop(kinds);
+            self.publish_gate();
             self.changed.notify_waiters();
         }
     }
 
     pub fn valid_until(&self) -> Option<Instant> {
-        *self.valid_until.lock().unwrap_or_else(|e| e.into_inner())
+        let until = self.lock_holder().valid_until()?;
+        Some(Instant::now() + Duration::from_millis(until.saturating_sub(mono_ms())))
     }
 
     pub fn is_valid(&self) -> bool {
-        self.valid_until().is_some_and(|t| Instant::now() < t)
+        self.lock_holder().is_valid(mono_ms())
     }
 
     /// The instant routing must stop, when leases are needed.
@@ -108,15 +132,17 @@ impl LeaseKeeper {
             holder: peers.me().name.clone(),
             primary,
         };
-        let sent = Instant::now();
+        let sent = mono_ms();
         let replies = peers.renew_leases(&request).await;
+        let mut voters = std::collections::BTreeSet::new();
         let granted: Vec<u64> = replies
             .iter()
             .flatten()
-            .filter(|r| r.granted)
+            .filter(|r| r.granted && voters.insert(r.voter.clone()))
             .map(|r| r.duration_ms)
             .collect();
-        if granted.len() < majority(peers.count()) {
+        let needed = majority(peers.count());
+        if granted.len() < needed {
             if self.is_valid() {
                 let refusals: Vec<String> = replies
                     .iter()
@@ -129,13 +155,13 @@ impl LeaseKeeper {
             }
             return;
         }
-        // Count from when the request left, with the shortest duration any
-        // voter granted: never past any voter's own expiry.
-        let shortest = granted.into_iter().min().unwrap_or_default();
-        let until = sent + Duration::from_millis(shortest);
-        let was_valid = self.is_valid();
-        *self.valid_until.lock().unwrap_or_else(|e| e.into_inner()) = Some(until);
-        if !was_valid {
+        // Counted from when the request left, with the shortest duration
+        // any voter granted: never past any voter's own expiry.
+        let renewal = self
+            .lock_holder()
+            .on_round(sent, &granted, needed, mono_ms());
+        self.publish_gate();
+        if renewal == Renewal::Acquired {
             events.record(
                 record.term,
                 "lease_acquired",

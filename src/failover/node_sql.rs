@@ -56,14 +56,20 @@ impl NodeSql<'_> {
 
     /// Promotes a standby, first lifting any fence left from an earlier
     /// life as a stale primary, and checks it is writable.
-    pub async fn promote(&self) -> Result<(), String> {
+    /// `Err(Promote::NotSent)`: pg_promote never reached the node (the
+    /// term may be given up); `Err(Promote::Unknown)`: it may have.
+    pub async fn promote(&self) -> Result<(), Promote> {
         self.run(&[
             "ALTER SYSTEM RESET default_transaction_read_only",
             "SELECT pg_reload_conf()",
         ])
-        .await?;
+        .await
+        .map_err(Promote::NotSent)?;
+        let client = timeout(ACTION_TIMEOUT, self.connect())
+            .await
+            .map_err(|_| Promote::NotSent(format!("connecting to {} timed out", self.node.name)))?
+            .map_err(Promote::NotSent)?;
         let work = async {
-            let client = self.connect().await?;
             let row = client
                 .query_one("SELECT pg_promote(true, 60)", &[])
                 .await
@@ -85,7 +91,9 @@ impl NodeSql<'_> {
         };
         timeout(ACTION_TIMEOUT, work)
             .await
-            .map_err(|_| format!("promotion of {} timed out", self.node.name))?
+            .map_err(|_| format!("promotion of {} timed out", self.node.name))
+            .and_then(|r| r)
+            .map_err(Promote::Unknown)
     }
 
     /// Soft fence: new transactions read-only by default, and every client
@@ -296,5 +304,21 @@ mod tests {
     fn slot_names_are_valid_identifiers() {
         assert_eq!(slot_name("Node-3"), "pgfailover_node_3");
         assert_eq!(quote_literal("a'b"), "'a''b'");
+    }
+}
+
+/// Why a promotion did not report success.
+#[derive(Debug)]
+pub enum Promote {
+    NotSent(String),
+    Unknown(String),
+}
+
+impl std::fmt::Display for Promote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NotSent(e) => write!(f, "{e} (pg_promote not sent)"),
+            Self::Unknown(e) => write!(f, "{e} (pg_promote sent, outcome unknown)"),
+        }
     }
 }

@@ -8,15 +8,26 @@ use tokio::time::{Instant, sleep};
 
 use super::Coordinator;
 use super::candidate::{self, Candidate};
-use super::node_sql::{NodeSql, slot_name};
+use super::election::Won;
+use super::node_sql::{NodeSql, Promote, slot_name};
 use crate::consensus::messages::ElectionReason;
 use crate::monitor::format_lsn;
 use crate::topology::{NodeHealth, Topology};
 
 /// How long a candidate may take to replay what it received.
 const REPLAY_WAIT: Duration = Duration::from_secs(30);
-/// Margin on top of the longest old lease, for timer granularity.
-const LEASE_MARGIN: Duration = Duration::from_millis(250);
+/// How a promotion ended short of a verified success.
+enum PromoteEnd {
+    /// pg_promote never reached the node: the term may be given up.
+    NotSent(String),
+    /// It may have: the term stands.
+    Unverified(String),
+}
+
+/// How often, and how far apart, a promotion whose answer was lost is
+/// checked before the term is published unverified.
+const PROMOTE_CHECKS: u32 = 5;
+const PROMOTE_CHECK_PAUSE: Duration = Duration::from_secs(1);
 
 impl Coordinator {
     /// The primary of `term` is down: adopt a node promoted outside
@@ -75,12 +86,20 @@ impl Coordinator {
         term: u64,
     ) -> Result<(), String> {
         let new_name = topology.nodes[new].spec.name.clone();
-        self.elect(term + 1, ElectionReason::Adopt, Some(old), &new_name)
+        // The next free term (a crashed winner may hold term + 1), and the
+        // same waits as a promotion: old leases out, no newer term.
+        let next = self.next_term(term);
+        let won = self
+            .elect(next, ElectionReason::Adopt, Some(old), &new_name)
             .await?;
-        self.publish_term(term + 1, &new_name).await;
-        self.events.record(term + 1, "adopt", Some(&new_name), format!(
-            "{new_name} was promoted outside pgfailover while {old} was down; it is the primary of term {}",
-            term + 1
+        if let Err(e) = self.clear_to_act(next, &new_name, &won).await {
+            self.peers.release_votes(next).await;
+            self.skip_term(next);
+            return Err(e);
+        }
+        self.publish_term(next, &new_name).await;
+        self.events.record(next, "adopt", Some(&new_name), format!(
+            "{new_name} was promoted outside pgfailover while {old} was down; it is the primary of term {next}"
         ));
         Ok(())
     }
@@ -142,7 +161,6 @@ impl Coordinator {
         term: u64,
         won: &super::election::Won,
     ) -> Result<(), String> {
-        let lease_wait = won.lease_wait;
         let node = &topology.nodes[chosen.index].spec;
         let sql = NodeSql {
             node,
@@ -151,48 +169,91 @@ impl Coordinator {
         if let Err(e) = sql.wait_replay(REPLAY_WAIT).await {
             self.events.record(term, "replay_wait", Some(&node.name), e);
         }
-        if !lease_wait.is_zero() {
+        self.clear_to_act(term, &node.name, won).await?;
+        let promote_started = Instant::now();
+        match self.promote_decided(&sql, term).await {
+            Ok(()) => {
+                self.events.record_timed(
+                    term,
+                    "promote",
+                    Some(&node.name),
+                    format!("{} promoted", node.name),
+                    promote_started.elapsed(),
+                );
+                self.mark_promoted(chosen.index);
+            }
+            Err(PromoteEnd::NotSent(e)) => {
+                self.events
+                    .record(term, "promote_failed", Some(&node.name), e.clone());
+                return Err(e);
+            }
+            Err(PromoteEnd::Unverified(e)) => self.events.record(term, "promote_unverified", Some(&node.name), format!(
+                "{e}; pg_promote was sent, so term {term} stands and is published (found in recovery, {} is replaced like a demoted primary)",
+                node.name
+            )),
+        }
+        Ok(())
+    }
+
+    /// Before acting on a won election: wait out every routing lease of
+    /// the old term (the longest a granting voter reported, plus the
+    /// margin `Timing` derives for drift and late timers), then check the
+    /// votes still hold and no newer term exists.
+    async fn clear_to_act(&self, term: u64, node: &str, won: &Won) -> Result<(), String> {
+        if self.peers.count() > 1 {
+            let wait = won.lease_wait + self.peers.me().timing().promotion_margin();
             self.events.record_timed(
                 term,
                 "lease_wait",
-                Some(&node.name),
+                Some(node),
                 "waiting out routing leases of the old term",
-                lease_wait,
+                wait,
             );
-            sleep(lease_wait + LEASE_MARGIN).await;
+            sleep(wait).await;
         }
-        if Instant::now() >= won.act_before {
-            let detail = format!(
-                "the votes for term {term} lapsed before {} could be promoted",
-                node.name
-            );
+        let abandon = if Instant::now() >= won.act_before {
+            Some(format!(
+                "the votes for term {term} lapsed before {node} could be promoted"
+            ))
+        } else if self.newer_term_known(term).await {
+            Some(format!(
+                "a term newer than {term} exists: not promoting {node}"
+            ))
+        } else {
+            None
+        };
+        if let Some(detail) = abandon {
             self.events
-                .record(term, "promote_abandoned", Some(&node.name), detail.clone());
+                .record(term, "promote_abandoned", Some(node), detail.clone());
             return Err(detail);
         }
-        if self.newer_term_known(term).await {
-            let detail = format!(
-                "a term newer than {term} exists: not promoting {}",
-                node.name
-            );
-            self.events
-                .record(term, "promote_abandoned", Some(&node.name), detail.clone());
-            return Err(detail);
-        }
-        let promote_started = Instant::now();
-        sql.promote().await.inspect_err(|e| {
-            self.events
-                .record(term, "promote_failed", Some(&node.name), e.clone());
-        })?;
-        self.events.record_timed(
-            term,
-            "promote",
-            Some(&node.name),
-            format!("{} promoted", node.name),
-            promote_started.elapsed(),
-        );
-        self.mark_promoted(chosen.index);
         Ok(())
+    }
+
+    /// Sends pg_promote, the point of no return: an error before it was
+    /// sent gives the term up; after it, the outcome is unknown until the
+    /// node says, so it is asked (and the promotion retried) a few times.
+    /// `Err` here means only "not verified", never "not promoted".
+    async fn promote_decided(&self, sql: &NodeSql<'_>, term: u64) -> Result<(), PromoteEnd> {
+        let mut last = match sql.promote().await {
+            Ok(()) => return Ok(()),
+            Err(Promote::NotSent(e)) => return Err(PromoteEnd::NotSent(e)),
+            Err(Promote::Unknown(e)) => e,
+        };
+        for _ in 0..PROMOTE_CHECKS {
+            sleep(PROMOTE_CHECK_PAUSE).await;
+            match sql.in_recovery().await {
+                Ok(false) => return Ok(()),
+                Ok(true) => match sql.promote().await {
+                    Ok(()) => return Ok(()),
+                    Err(e) => last = e.to_string(),
+                },
+                Err(e) => last = e,
+            }
+            self.events
+                .record(term, "promote_retry", Some(&sql.node.name), last.clone());
+        }
+        Err(PromoteEnd::Unverified(last))
     }
 
     /// The promotion was just verified (`pg_is_in_recovery()` is false):

@@ -167,7 +167,7 @@ impl Coordinator {
         let next = self.next_term(term);
         self.elect(next, ElectionReason::Switchover, Some(&plan.from), &plan.to)
             .await?;
-        sql.promote().await?;
+        sql.promote().await.map_err(|e| e.to_string())?;
         self.mark_promoted(target);
         self.publish_term(next, &plan.to).await;
         plan.term = next;

@@ -12,6 +12,7 @@ use prometheus::IntCounter;
 use super::sessions::{REPLY_TAGS, REQUEST_TAGS, SessionStatus, Sessions};
 use super::tls::PgStream;
 use crate::protocol::backend::BoundaryTracker;
+use crate::topology::LeaseGate;
 
 /// Per-direction buffer: large enough for COPY throughput, small enough
 /// for ten thousand sessions.
@@ -33,6 +34,9 @@ pub enum RelayEnd {
     /// The session's route went away (new term, lease lost); the reason
     /// names the change.
     Evicted(String),
+    /// The routing lease ran out with client bytes still to forward:
+    /// they were not sent.
+    LeaseExpired,
 }
 
 /// Where the backend-to-client stream stands, kept outside the relay's
@@ -77,6 +81,9 @@ pub struct ByteCounters<'a> {
 /// What the relay updates as bytes pass.
 pub struct RelayState<'a> {
     pub status: &'a SessionStatus,
+    /// Checked before every forward to the node: past the routing lease
+    /// nothing more reaches it.
+    pub lease: &'a LeaseGate,
     /// Closed by a switchover: idle sessions hold new requests.
     pub gate: &'a Sessions,
     pub downstream: &'a mut Downstream,
@@ -137,6 +144,7 @@ where
 {
     let RelayState {
         status,
+        lease,
         gate,
         downstream,
         counters,
@@ -145,7 +153,7 @@ where
         client.0,
         backend.1,
         client_pending,
-        (status, gate),
+        (status, gate, lease),
         counters.to_server,
     );
     let down = backend_to_client(
@@ -167,7 +175,7 @@ async fn client_to_backend(
     client: &mut (impl AsyncRead + Unpin),
     backend: &mut (impl AsyncWrite + Unpin),
     pending: BytesMut,
-    (status, gate): (&SessionStatus, &Sessions),
+    (status, gate, lease): (&SessionStatus, &Sessions, &LeaseGate),
     counter: &IntCounter,
 ) -> RelayEnd {
     let mut tracker = BoundaryTracker::counting(REQUEST_TAGS);
@@ -180,6 +188,11 @@ async fn client_to_backend(
             // starts nothing new until it is over (or is closed by it).
             if gate.is_paused() && status.is_idle() {
                 gate.wait_resumed().await;
+            }
+            // Checked after any wait, right before the write: a relay
+            // resumed after a freeze forwards nothing past its lease.
+            if !lease.allows() {
+                return RelayEnd::LeaseExpired;
             }
             // A malformed client message is the backend's to reject (it
             // answers 08P01 itself); the proxy just stops following.

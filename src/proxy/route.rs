@@ -43,7 +43,12 @@ pub async fn connect_writable(
         changes.borrow_and_update();
         let snapshot = topology.load();
         let mut retry_at = None;
-        if let Some(node) = snapshot.writable() {
+        let leased = topology.lease.allows();
+        if !leased {
+            // Woken again when the lease is renewed.
+            retry_at = Some(Instant::now() + RECONNECT_PAUSE);
+        }
+        if let Some(node) = snapshot.writable().filter(|_| leased) {
             let started = Instant::now();
             match connect(node, backend_tls, connect_timeout).await {
                 Ok(stream) => {

@@ -195,7 +195,14 @@ async fn relay_session(
     status.set(ready.status.as_byte());
     let mut downstream = Downstream::default();
     let node = ready.node.name.as_str();
-    let evict = route_gone(&proxy.topology, ready.term, node);
+    // The route goes away with a new term or a block from the
+    // coordinator, or at the lease's end on the data plane's own timer.
+    let evict = async {
+        tokio::select! {
+            reason = route_gone(&proxy.topology, ready.term, node) => reason,
+            reason = proxy.topology.lease.expired() => reason,
+        }
+    };
     let end = relay(
         &mut client,
         client_pending,
@@ -203,6 +210,7 @@ async fn relay_session(
         ready.pending,
         RelayState {
             status,
+            lease: &proxy.topology.lease,
             gate: &proxy.sessions,
             downstream: &mut downstream,
             counters: proxy.relay_counters(),
@@ -233,6 +241,13 @@ async fn relay_session(
                 format!("lost the connection to PostgreSQL node {node}; reconnect"),
             ))
         }
+        RelayEnd::Evicted(reason) if !proxy.topology.lease.allows() => {
+            lease_ran_out(proxy, &mut backend, &last_status, reason)
+        }
+        RelayEnd::LeaseExpired => {
+            let reason = crate::topology::LeaseGate::EXPIRED.to_owned();
+            lease_ran_out(proxy, &mut backend, &last_status, reason)
+        }
         RelayEnd::Evicted(reason) => {
             info!(%last_status, %reason, "closing session: its route is gone");
             proxy.metrics.sessions_closed_by_failover.inc();
@@ -245,6 +260,21 @@ async fn relay_session(
         let _ = client.write_all(&error.to_bytes()).await;
         let _ = client.flush().await;
     }
+}
+
+/// The routing lease ran out: the node connection is reset (RST), so
+/// whatever the kernel still held for it is discarded rather than
+/// delivered late to a primary another proxy may already have replaced.
+fn lease_ran_out(
+    proxy: &Proxy,
+    backend: &mut super::tls::PgStream,
+    last_status: &char,
+    reason: String,
+) -> Option<(&'static str, String)> {
+    info!(%last_status, %reason, "closing session: routing lease ran out");
+    proxy.metrics.sessions_closed_by_failover.inc();
+    backend.reset();
+    Some((sqlstate::ADMIN_SHUTDOWN, reason))
 }
 
 /// Sends the client the error it is owed, if any, and logs why.

@@ -58,6 +58,18 @@ impl PgStream {
         matches!(self, Self::Server(_) | Self::Client(_))
     }
 
+    /// Makes the close a reset (SO_LINGER 0): bytes not yet sent are
+    /// dropped, not delivered after the proxy gave the connection up.
+    pub fn reset(&self) {
+        let tcp = match self {
+            Self::Plain(s) => s,
+            Self::Server(s) => s.get_ref().0,
+            Self::Client(s) => s.get_ref().0,
+            Self::Gone => return,
+        };
+        let _ = tcp.set_zero_linger();
+    }
+
     /// Runs the server side of a TLS handshake on a plain stream.
     pub async fn start_tls(&mut self, acceptor: &TlsAcceptor) -> io::Result<()> {
         let Self::Plain(tcp) = std::mem::replace(self, Self::Gone) else {
