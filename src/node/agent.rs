@@ -15,6 +15,7 @@ use super::local::LocalSql;
 use super::postmaster::Postmaster;
 use super::server::{DataState, Server, Shutdown};
 use super::term::{self, TermView};
+use super::watchdog::Watchdog;
 use crate::config::NodeSpec;
 use crate::consensus::Peers;
 use crate::consensus::messages::DemoteRequest;
@@ -28,6 +29,9 @@ pub(super) const READY_TIMEOUT: Duration = Duration::from_secs(600);
 /// Pause before the first retry of a failed start; doubles up to the max.
 const MIN_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// How long the watchdog asks the server whether it is writable before
+/// fencing it anyway (a frozen server does not answer).
+const FENCE_PROBE: Duration = Duration::from_millis(300);
 
 /// A call from the admin API.
 pub enum Request {
@@ -59,6 +63,7 @@ pub struct Agent {
     pub(super) topology: Arc<TopologyStore>,
     pub(super) events: Arc<EventLog>,
     postmaster: Option<Postmaster>,
+    watchdog: Watchdog,
     requests: mpsc::Receiver<Request>,
     /// The last failure noted, so a standing one is recorded once.
     last_note: String,
@@ -73,7 +78,9 @@ impl Agent {
         requests: mpsc::Receiver<Request>,
     ) -> Self {
         let local = LocalSql::new(server.socket_dir.clone(), server.config.port);
+        let watchdog = Watchdog::new(peers.me().timing());
         Self {
+            watchdog,
             server,
             local,
             peers,
@@ -99,6 +106,7 @@ impl Agent {
         let mut backoff = MIN_BACKOFF;
         let mut next = Instant::now();
         loop {
+            let fence_at = self.fence_deadline();
             tokio::select! {
                 _ = stop.cancelled() => break,
                 status = exited(&mut self.postmaster) => {
@@ -112,6 +120,7 @@ impl Agent {
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
                 Some(request) = self.requests.recv() => self.handle(request).await,
+                _ = sleep_until_some(fence_at) => self.fence().await,
                 _ = sleep_until(next) => {
                     let step = async {
                         if self.postmaster.is_some() {
@@ -130,9 +139,19 @@ impl Agent {
                             }
                         }
                     };
-                    let healthy = tokio::select! {
+                    // The watchdog's deadline also cuts a step short (a
+                    // renewal round stuck on slow voters).
+                    let stepped = tokio::select! {
                         _ = stop.cancelled() => break,
-                        healthy = step => healthy,
+                        healthy = step => Some(healthy),
+                        _ = sleep_until_some(fence_at) => None,
+                    };
+                    let healthy = match stepped {
+                        Some(healthy) => healthy,
+                        None => {
+                            self.fence().await;
+                            true
+                        }
                     };
                     let pause = if healthy {
                         backoff = MIN_BACKOFF;
@@ -176,6 +195,41 @@ impl Agent {
         result
     }
 
+    /// When the watchdog must fence a server running as the term's
+    /// primary without a lease (none while it is not that primary).
+    fn fence_deadline(&mut self) -> Option<Instant> {
+        let record = self.peers.me().record();
+        let primary = self.postmaster.is_some()
+            && record.term > 0
+            && record.primary.as_deref() == Some(self.server.name());
+        self.watchdog.fence_at(primary)
+    }
+
+    /// Fences a writable server whose lease ran out: SIGKILL to all of it,
+    /// like a crash (the WAL pg_rewind may need is kept), which also
+    /// works on a frozen server. It starts again, or rejoins, once a
+    /// majority of voters answers.
+    async fn fence(&mut self) {
+        if self.watchdog.is_valid() {
+            return;
+        }
+        let probe = tokio::time::timeout(FENCE_PROBE, self.local.in_recovery()).await;
+        if matches!(probe, Ok(Ok(true))) {
+            self.watchdog.saw_standby();
+            return;
+        }
+        let term = self.peers.me().record().term;
+        self.events.record(term, "fence", Some(self.name()), format!(
+            "{} holds no lease from a majority of voters for term {term}: stopped at once so it takes no writes from anyone",
+            self.name()
+        ));
+        if let Some(postmaster) = self.postmaster.take()
+            && let Err(e) = postmaster.kill().await
+        {
+            self.note("fence_failed", e);
+        }
+    }
+
     pub(super) async fn learn_term(&self) -> TermView {
         term::learn(&self.peers, &self.events, &self.topology).await
     }
@@ -203,6 +257,16 @@ impl Agent {
                 "only {} of {} voters answered: this node starts as a primary only once a majority confirms no other node is",
                 view.answered, view.voters
             ));
+        }
+        if !standby && view.term > 0 {
+            let node = self.name().to_owned();
+            self.watchdog.renew(&self.peers, &view, &node).await;
+            if !self.watchdog.is_valid() {
+                return Err(format!(
+                    "no lease from a majority of voters for term {}: {node} starts writable only with one",
+                    view.term
+                ));
+            }
         }
         self.start(if standby { "standby" } else { "primary" }, view.term)
             .await
@@ -265,6 +329,13 @@ impl Agent {
     /// is then down or already demoted: no action.)
     async fn watch(&mut self) {
         let view = self.learn_term().await;
+        let node = self.name().to_owned();
+        if self.local.in_recovery().await == Ok(true) {
+            // A lease from before a demotion says nothing about a later
+            // promotion of this node.
+            self.watchdog.saw_standby();
+        }
+        self.watchdog.renew(&self.peers, &view, &node).await;
         let Some(primary) = view.other_primary(self.name()).map(str::to_owned) else {
             return;
         };
@@ -385,6 +456,14 @@ impl Agent {
             self.events.record(term, kind, Some(self.name()), &detail);
             self.last_note = detail;
         }
+    }
+}
+
+/// Sleeps until `at`; never without one.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

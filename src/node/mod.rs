@@ -24,7 +24,8 @@ mod pgconf;
 mod postmaster;
 mod rejoin;
 mod server;
-mod term;
+pub mod term;
+mod watchdog;
 
 use std::sync::Arc;
 

@@ -77,6 +77,31 @@ impl Postmaster {
         self.stop_with(server, Shutdown::Fast).await
     }
 
+    /// The fence: SIGKILL to the server's whole process group (the
+    /// postmaster and every backend), then reap. Unlike any shutdown it
+    /// takes effect on a frozen server too, and no backend of it runs one
+    /// more instruction; the next start recovers like after a crash.
+    pub async fn kill(mut self) -> Result<(), String> {
+        let Some(pid) = self.child.id() else {
+            return Ok(());
+        };
+        let killed = tokio::process::Command::new("kill")
+            .args(["-KILL", "--", &format!("-{pid}")])
+            .status()
+            .await
+            .map_err(|e| format!("cannot run kill: {e}"))?;
+        if !killed.success() {
+            return Err(format!(
+                "kill -KILL of process group {pid} failed ({killed})"
+            ));
+        }
+        timeout(REAP_TIMEOUT, self.child.wait())
+            .await
+            .map_err(|_| format!("postgres {pid} not reaped within {REAP_TIMEOUT:?}"))?
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+
     /// `pg_ctl stop` in `mode`, then reap.
     pub async fn stop_with(mut self, server: &Server, mode: Shutdown) -> Result<(), String> {
         let stopped = server.pg_ctl_stop(mode).await;

@@ -519,6 +519,12 @@ impl Member {
             self.holder.drop_lease();
             self.unleased_since = None;
         }
+        if report.is_some_and(|r| r.standby) && running {
+            // As the real agent: a lease from before a demotion says
+            // nothing about a later promotion.
+            self.holder.drop_lease();
+            self.unleased_since = None;
+        }
         if primary_is_me {
             if writable && self.must_fence(ctx) {
                 ctx.notes
