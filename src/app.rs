@@ -257,6 +257,13 @@ pub async fn run_witness(config: WitnessConfig) -> anyhow::Result<()> {
         lease: None,
     };
     member.serve_admin(&config.member, admin_state).await?;
+    member.background.spawn(follow_terms(
+        Arc::clone(&member.peers),
+        Arc::clone(&member.events),
+        Arc::clone(&member.topology),
+        config.monitor.interval,
+        member.stop.clone(),
+    ));
     info!(name = %config.member.name, voters = config.member.voters.len(), "pgfailover witness started");
     tokio::select! {
         _ = sigint.recv() => info!("SIGINT: exiting"),
@@ -264,6 +271,25 @@ pub async fn run_witness(config: WitnessConfig) -> anyhow::Result<()> {
     }
     member.stop.cancel();
     Ok(())
+}
+
+/// A witness pulls the newest published term from the other voters every
+/// interval, as proxies and agents do: one that missed a publication
+/// would otherwise refuse every later vote and lease.
+async fn follow_terms(
+    peers: Arc<Peers>,
+    events: Arc<EventLog>,
+    topology: Arc<TopologyStore>,
+    every: std::time::Duration,
+    stop: CancellationToken,
+) {
+    loop {
+        crate::node::term::learn(&peers, &events, &topology).await;
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
 }
 
 /// Runs a node agent: a voter that also runs one PostgreSQL server

@@ -367,13 +367,17 @@ fn member_config(
         }
     }
     let admin = o.admin_listen.as_deref().or(default_admin);
+    let lease_duration = duration("--lease-duration", o.lease_duration, "4s")?;
+    crate::consensus::Timing::new(lease_duration)
+        .check()
+        .map_err(invalid)?;
     Ok(MemberConfig {
         name,
         voters,
         state_dir: o.state_dir,
         admin_listen: admin.map(|a| parse_addr("--admin-listen", a)).transpose()?,
         token,
-        lease_duration: duration("--lease-duration", o.lease_duration, "4s")?,
+        lease_duration,
         log_level: non_empty("--log-level", o.log_level, "info")?,
     })
 }

@@ -49,6 +49,15 @@ fn refuses_bad_values_with_the_flag_named() {
     o.hold_timeout = Some("soon".into());
     let e = resolve(o).expect_err("invalid").to_string();
     assert!(e.contains("--hold-timeout"), "{e}");
+    let mut o = options(&["n1=h:1"]);
+    o.member.lease_duration = Some("2s".into());
+    let e = resolve(o)
+        .expect_err("a lease too short to renew")
+        .to_string();
+    assert!(
+        e.contains("--lease-duration") && e.contains("too short"),
+        "{e}"
+    );
 }
 
 #[test]

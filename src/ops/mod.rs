@@ -81,7 +81,7 @@ pub fn switchover(args: SwitchoverArgs) -> ExitCode {
         let body = client.post_json("/switchover", &token, &request).await?;
         let report: crate::failover::SwitchoverReport =
             serde_json::from_str(&body).map_err(|e| format!("unexpected answer: {e}"))?;
-        println!("{}", table::switchover(&report));
+        emit(&table::switchover(&report));
         Ok(())
     })
 }
@@ -96,12 +96,12 @@ pub fn status(args: StatusArgs) -> ExitCode {
         let client = AdminClient::new(&args.target.admin)?;
         let body = client.get("/cluster").await?;
         if args.json {
-            println!("{body}");
+            emit(&body);
             return Ok(());
         }
         let status: ClusterStatus = serde_json::from_str(&body)
             .map_err(|e| format!("unexpected answer from {}: {e}", args.target.admin))?;
-        print!("{}", table::render(&status));
+        emit(table::render(&status).trim_end_matches('\n'));
         Ok(())
     })
 }
@@ -116,9 +116,9 @@ pub fn events(args: EventsArgs) -> ExitCode {
                 serde_json::from_str(&body).map_err(|e| format!("unexpected answer: {e}"))?;
             for event in events.iter().skip(printed) {
                 if args.json {
-                    println!("{}", serde_json::to_string(event).unwrap_or_default());
+                    emit(&serde_json::to_string(event).unwrap_or_default());
                 } else {
-                    println!("{}", table::event_line(event));
+                    emit(&table::event_line(event));
                 }
             }
             printed = events.len();
@@ -137,12 +137,24 @@ pub fn set_paused(target: AdminTarget, paused: bool) -> ExitCode {
         let client = AdminClient::new(&target.admin)?;
         let path = if paused { "/pause" } else { "/resume" };
         client.post(path, &token).await?;
-        println!(
+        emit(&format!(
             "automatic failover {}",
             if paused { "paused" } else { "resumed" }
-        );
+        ));
         Ok(())
     })
+}
+
+/// Writes one line of output. A reader that went away (`| head`) ends
+/// the command quietly, as it does for any Unix tool, instead of a panic.
+fn emit(line: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush())
+        && e.kind() == std::io::ErrorKind::BrokenPipe
+    {
+        std::process::exit(0);
+    }
 }
 
 /// The operator commands report errors as text.
