@@ -1321,3 +1321,81 @@ async fn route_probe(dsn: &str, id: usize) -> Vec<(usize, String)> {
     }
     seen
 }
+
+/// The measured split brain (asynchronous mode): p1 keeps its view of the
+/// primary n1 while p2 and the witness lose it; p1 is frozen with a
+/// session open on n1 while the majority fails over to n2, which takes
+/// writes. The client's next INSERT waits in p1's socket; when p1 wakes
+/// it must not forward a byte of it to n1 (still writable: nobody on the
+/// majority side could fence it), because p1's routing lease ran out
+/// during the freeze. Before the data plane checked the lease itself the
+/// relay forwarded it and n1 acknowledged it after n2's writes, whenever
+/// p1's control loop was slow to notice: here the witness is frozen too
+/// when p1 wakes, so p1's first look at the voters waits out a peer
+/// timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_minority_proxy_wakes_up_without_writing_to_the_old_primary() {
+    let cluster = PgCluster::primary_with_standby();
+    let to_n1 = Forwarder::start(cluster.primary.port());
+    let majority_view = [("n1", to_n1.port()), ("n2", cluster.standby.port())];
+    let voters = VoterSet::new(&["p1", "p2", "w1"]);
+    let witness = WitnessProcess::start(&majority_view, &voters, "w1");
+    let proxy1 = start_proxy(&cluster.nodes(), &voters, "p1");
+    let proxy2 = start_proxy(&majority_view, &voters, "p2");
+    let (p1, p2, w1) = (
+        Admin::of(&voters, "p1"),
+        Admin::of(&voters, "p2"),
+        Admin::of(&voters, "w1"),
+    );
+    let t0 = wait_all_route(&[p1, p2], &[p1, p2, w1], "n1", 0);
+    wait_until("p1 holds a routing lease", DEADLINE, || {
+        p1.status()["lease_valid"] == true
+    });
+    create_writes_table(&dsn(&proxy2)).await;
+    let open = crate::util::connect(&dsn(&proxy1)).await;
+    assert_eq!(write_once(&open, "p1").await.expect("write on n1"), "n1");
+    let count_n1 = || {
+        cluster
+            .primary
+            .psql_db(APP_DB, "SELECT count(*) FROM writes")
+    };
+    let before = count_n1();
+
+    let frozen = Frozen::stop(proxy1.pid());
+    to_n1.cut();
+    let term = wait_all_route(&[p2], &[p2, w1], "n2", t0);
+    assert_eq!(
+        one_write(&dsn(&proxy2), "p2").await.expect("write on n2"),
+        "n2"
+    );
+    assert_eq!(
+        cluster.primary.psql("SELECT pg_is_in_recovery()"),
+        "f",
+        "n1 is still writable: only p1's lease keeps it from writes"
+    );
+
+    // The INSERT is sent while p1 is frozen; p1 reads it when it wakes.
+    let _slow_voter = Frozen::stop(witness.pid());
+    let pending = tokio::spawn(async move { write_once(&open, "p1").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    frozen.resume();
+    let answer = tokio::time::timeout(DEADLINE, pending)
+        .await
+        .expect("the session's write is answered")
+        .expect("writer task");
+    p1.wait_route(term, "n2", DEADLINE);
+    assert_eq!(
+        count_n1(),
+        before,
+        "p1 forwarded a write to the old primary after waking: {answer:?}"
+    );
+    let error = answer.expect_err("the write was not acknowledged");
+    println!(
+        "the frozen proxy's session after waking: {}",
+        describe(&error)
+    );
+    assert_eq!(
+        one_write(&dsn(&proxy1), "p1").await.expect("p1 now on n2"),
+        "n2"
+    );
+}

@@ -80,6 +80,10 @@ pub fn spawn_member(log_path: &std::path::Path, args: &[String], env: &[(&str, &
 }
 
 impl WitnessProcess {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn start(nodes: &[(&str, u16)], voters: &VoterSet, name: &str) -> Self {
         let nodes: Vec<(&str, String)> = nodes
             .iter()
