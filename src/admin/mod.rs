@@ -188,11 +188,21 @@ async fn switchover(State(state): Shared, Json(request): Json<SwitchoverRequest>
     let Some(coordinator) = &state.coordinator else {
         return (StatusCode::NOT_FOUND, "only a proxy runs switchovers\n").into_response();
     };
-    match coordinator.switchover(&request).await {
-        Ok(report) => Json(report).into_response(),
-        Err(reason) => (
+    // Its own task: a client that goes away (Ctrl-C, its own timeout)
+    // drops this handler, not the switchover, which then still runs to its
+    // end and releases the sessions it holds on every path.
+    let coordinator = Arc::clone(coordinator);
+    let running = tokio::spawn(async move { coordinator.switchover(&request).await });
+    match running.await {
+        Ok(Ok(report)) => Json(report).into_response(),
+        Ok(Err(reason)) => (
             StatusCode::CONFLICT,
             format!("switchover not done: {reason}\n"),
+        )
+            .into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("switchover task failed: {e}\n"),
         )
             .into_response(),
     }

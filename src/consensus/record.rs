@@ -31,6 +31,14 @@ impl VoterRecord {
             .then(|| (self.voted_term, self.voted_for.as_deref().unwrap_or("-")))
     }
 
+    /// True when this record knows a term newer than `term`: published,
+    /// or a vote for it still held (a candidate may be promoting). A vote
+    /// its candidate released (a lost election) is no newer term: it must
+    /// not switch off fencing or block the next decision.
+    pub fn knows_newer_than(&self, term: u64, now_ms: u64) -> bool {
+        self.term > term || self.pending_vote(now_ms).is_some_and(|(t, _)| t > term)
+    }
+
     /// `pending_vote` now.
     pub fn pending_vote_now(&self) -> Option<(u64, &str)> {
         self.pending_vote(now_ms())
@@ -110,6 +118,25 @@ impl StateFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_released_vote_is_no_newer_term() {
+        let mut record = VoterRecord {
+            voted_term: 3,
+            voted_for: Some("p2".into()),
+            pending_until_ms: Some(10_000),
+            term: 2,
+            primary: Some("n1".into()),
+            ..VoterRecord::default()
+        };
+        assert!(record.knows_newer_than(2, 5_000), "a failover under way");
+        record.pending_until_ms = None;
+        assert!(
+            !record.knows_newer_than(2, 5_000),
+            "a lost election left term 2 current"
+        );
+        assert!(record.knows_newer_than(1, 5_000));
+    }
 
     #[test]
     fn survives_a_round_trip_through_disk() {

@@ -233,9 +233,10 @@ impl Coordinator {
             return self.peers.me().record().term == term;
         }
         let states = self.peers.states().await;
+        let now = crate::consensus::record::now_ms();
         let mut confirmed = 0;
         for state in states.iter().flatten() {
-            if state.record.term > term || state.record.voted_term > term {
+            if state.record.knows_newer_than(term, now) {
                 return false;
             }
             if state.record.term == term {
@@ -252,9 +253,13 @@ impl Coordinator {
     /// (A vote released by a candidate that lost is no threat: only a
     /// published term or a vote still held for a newer term counts.)
     pub(super) async fn newer_term_known(&self, term: u64) -> bool {
-        self.peers.states().await.iter().flatten().any(|s| {
-            s.record.term > term || s.record.pending_vote_now().is_some_and(|(t, _)| t > term)
-        })
+        let now = crate::consensus::record::now_ms();
+        self.peers
+            .states()
+            .await
+            .iter()
+            .flatten()
+            .any(|s| s.record.knows_newer_than(term, now))
     }
 
     /// After giving up `term`, the next attempt uses a newer one: a term

@@ -103,10 +103,11 @@ impl NodeSql<'_> {
             "ALTER SYSTEM SET default_transaction_read_only = on",
             "SELECT pg_reload_conf()",
             // Monitors (ours and the other members') keep their sessions:
-            // they are what sees the fence holding.
+            // they are what sees the fence holding. They are told by the
+            // monitor user, not by an application_name any client may set.
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
              WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() \
-             AND application_name NOT LIKE 'pgfailover-%'",
+             AND usename IS DISTINCT FROM current_user",
         ])
         .await
     }

@@ -372,7 +372,9 @@ impl Coordinator {
                 ),
                 Err(e) => format!("{} is a stale primary; fencing failed: {e}", node.name),
             };
-            self.events.record(term, "fence", Some(&node.name), detail);
+            // Recorded once while it stands: the probes take a moment to
+            // see the fence, and every step until then fences again.
+            self.note(term, "fence", Some(&node.name), detail);
         }
     }
 

@@ -27,6 +27,10 @@ pub struct NodeHandle {
 
 type Shared = State<Arc<NodeHandle>>;
 
+/// How long a demotion may take from the request, queueing included
+/// (less than the switchover's own 60 s bound on it).
+const DEMOTE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(50);
+
 /// The agent's routes, falling back to the member's admin API.
 pub fn routes(handle: NodeHandle, state: Arc<AdminState>) -> Router {
     let protected = Router::new().route("/v1/demote", post(demote)).route_layer(
@@ -90,7 +94,17 @@ async fn demote(State(node): Shared, Json(request): Json<DemoteRequest>) -> Resp
         )
             .into_response();
     }
-    match answer.await {
+    // Past the deadline the caller has given up its switchover: the
+    // answer's receiver is dropped, and an agent that has not started the
+    // demotion yet (busy with a rejoin, say) skips it.
+    let Ok(answer) = tokio::time::timeout(DEMOTE_DEADLINE, answer).await else {
+        return (
+            StatusCode::GATEWAY_TIMEOUT,
+            format!("the node agent did not demote within {DEMOTE_DEADLINE:?}\n"),
+        )
+            .into_response();
+    };
+    match answer {
         Ok(Ok(demoted)) => Json(demoted).into_response(),
         Ok(Err(e)) => (StatusCode::CONFLICT, format!("{e}\n")).into_response(),
         Err(_) => (

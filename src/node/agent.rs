@@ -385,6 +385,11 @@ impl Agent {
     async fn handle(&mut self, request: Request) {
         match request {
             Request::Demote { request, reply } => {
+                if reply.is_closed() {
+                    // Its caller gave up (deadline, switchover abandoned):
+                    // a late demotion would only stop a primary in use.
+                    return;
+                }
                 let result = self.demote(&request).await;
                 let _ = reply.send(result);
             }

@@ -33,7 +33,7 @@ pub async fn connect_writable(
     topology: &TopologyStore,
     metrics: &Metrics,
     backend_tls: Option<&BackendTls>,
-    connect_timeout: Duration,
+    (connect_timeout, stall_limit): (Duration, Duration),
     deadline: Instant,
 ) -> Result<Route, SessionError> {
     let mut changes = topology.subscribe();
@@ -50,7 +50,7 @@ pub async fn connect_writable(
         }
         if let Some(node) = snapshot.writable().filter(|_| leased) {
             let started = Instant::now();
-            match connect(node, backend_tls, connect_timeout).await {
+            match connect(node, backend_tls, connect_timeout, stall_limit).await {
                 Ok(stream) => {
                     metrics
                         .backend_connect_seconds
@@ -119,12 +119,14 @@ async fn connect(
     node: &NodeSpec,
     backend_tls: Option<&BackendTls>,
     connect_timeout: Duration,
+    stall_limit: Duration,
 ) -> Result<PgStream, String> {
     let work = async {
         let stream = TcpStream::connect(node.address())
             .await
             .map_err(|e| e.to_string())?;
         stream.set_nodelay(true).map_err(|e| e.to_string())?;
+        bound_stalls(&stream, stall_limit).map_err(|e| e.to_string())?;
         match backend_tls {
             None => Ok(PgStream::Plain(stream)),
             Some(tls) => connect_backend(stream, &node.host, &tls.connector)
@@ -135,6 +137,22 @@ async fn connect(
     timeout(connect_timeout, work)
         .await
         .map_err(|_| format!("connect timed out after {connect_timeout:?}"))?
+}
+
+/// A node that stops acknowledging (partitioned, frozen host) ends the
+/// connection after `limit` instead of the kernel's minutes of
+/// retransmission back-off: bytes unacknowledged that long abort it
+/// (TCP_USER_TIMEOUT), and keepalives probe an idle one as often. The
+/// session then ends with an error its client can act on (reconnect,
+/// routed to the current primary) rather than hang past the heal.
+fn bound_stalls(stream: &TcpStream, limit: Duration) -> std::io::Result<()> {
+    let socket = socket2::SockRef::from(stream);
+    socket.set_tcp_user_timeout(Some(limit))?;
+    let probes = socket2::TcpKeepalive::new()
+        .with_time(limit)
+        .with_interval(Duration::from_secs(1))
+        .with_retries(3);
+    socket.set_tcp_keepalive(&probes)
 }
 
 /// Resolves when sessions routed to `node` under `term` must end (a new

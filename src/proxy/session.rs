@@ -124,7 +124,7 @@ async fn open_backend(
             &proxy.topology,
             &proxy.metrics,
             proxy.config.monitor.tls.as_ref(),
-            limits.connect_timeout,
+            (limits.connect_timeout, proxy.config.member.lease_duration),
             deadline,
         )
         .await?;

@@ -300,3 +300,46 @@ async fn a_switchover_failing_after_the_demotion_promotes_the_old_primary_again(
     c.n2.psql("postgres", "SELECT pg_wal_replay_resume()");
     c.n2.wait_streaming(DEADLINE);
 }
+
+/// The operator's client goes away (Ctrl-C, its own timeout) while the
+/// switchover drains an open transaction. The switchover runs in its own
+/// task: it still finishes and releases the sessions it held, instead of
+/// being dropped mid-way with routing held for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switchover_whose_client_disconnects_still_finishes() {
+    use std::io::Write as _;
+    let c = AgentCluster::start();
+    crate::failover::create_writes_table(&c.dsn()).await;
+    wait_proxy_sees_standby(&c, "n2");
+    let open = try_connect(&c.dsn()).await.expect("a session");
+    open.batch_execute("BEGIN; INSERT INTO writes (node) VALUES ('open')")
+        .await
+        .expect("a transaction left open");
+
+    let mut operator = std::net::TcpStream::connect(("127.0.0.1", c.proxy_admin()))
+        .expect("connect to the admin API");
+    let body = r#"{"to":"n2"}"#;
+    write!(
+        operator,
+        "POST /switchover HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {CLUSTER_TOKEN}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send the switchover");
+    // The drain waits for the open transaction; the client leaves.
+    wait_until("the switchover holds new sessions", DEADLINE, || {
+        c.proxy_events()
+            .iter()
+            .any(|e| e["kind"] == "switchover_started")
+    });
+    drop(operator);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = open.batch_execute("COMMIT").await;
+
+    wait_writes_on(&c.dsn(), "n2").await;
+    let events = c.proxy_events();
+    assert!(
+        events.iter().any(|e| e["kind"] == "switchover"),
+        "the switchover finished: {events:?}"
+    );
+}
