@@ -165,6 +165,11 @@ pub async fn run_proxy(config: ProxyConfig, reload: Reload) -> anyhow::Result<()
         config.member.lease_duration,
         Arc::clone(&member.topology),
     ));
+    let revoke = Arc::clone(&lease);
+    member
+        .peers
+        .me()
+        .on_grant(Box::new(move || revoke.revoke()));
     let sessions = Arc::new(Sessions::default());
     let coordinator = Coordinator::new(
         Arc::clone(&config.monitor),

@@ -14,6 +14,9 @@ use super::state::Millis;
 pub struct LeaseHolder {
     valid_until: Option<Millis>,
     lead: Millis,
+    /// When the holder last gave its lease up: grants of a round sent
+    /// before that are void.
+    revoked_at: Option<Millis>,
 }
 
 /// What one renewal round did.
@@ -31,6 +34,7 @@ impl LeaseHolder {
         Self {
             valid_until: None,
             lead,
+            revoked_at: None,
         }
     }
 
@@ -43,7 +47,7 @@ impl LeaseHolder {
         needed: usize,
         now: Millis,
     ) -> Renewal {
-        if granted.len() < needed {
+        if granted.len() < needed || self.revoked_at.is_some_and(|r| sent <= r) {
             return Renewal::Refused;
         }
         let was_valid = self.is_valid(now);
@@ -67,9 +71,17 @@ impl LeaseHolder {
         self.valid_until
     }
 
-    /// Forgets the lease (a new term, or the holder gave it up).
+    /// Forgets the lease (a new term).
     pub fn drop_lease(&mut self) {
         self.valid_until = None;
+    }
+
+    /// Gives the lease up at `now` (the holder voted for a newer term): a
+    /// renewal round already under way, whose grants predate the vote,
+    /// must not bring it back.
+    pub fn revoke(&mut self, now: Millis) {
+        self.valid_until = None;
+        self.revoked_at = Some(now);
     }
 }
 
@@ -98,6 +110,15 @@ pub fn tally<'a>(
         only_visibility: true,
         ..Tally::default()
     };
+    let replies: Vec<&Result<VoteResponse, String>> = replies.into_iter().collect();
+    // Holders that voted for this candidate and revoked their own lease
+    // doing so: nothing routes under those leases any more.
+    let revoked: std::collections::BTreeSet<&str> = replies
+        .iter()
+        .filter_map(|r| r.as_ref().ok())
+        .filter(|r| r.granted && r.holder_revoked)
+        .map(|r| r.voter.as_str())
+        .collect();
     let mut seen = std::collections::BTreeSet::new();
     for reply in replies {
         match reply {
@@ -109,7 +130,7 @@ pub fn tally<'a>(
                 }
                 if r.granted {
                     tally.granted += 1;
-                    tally.lease_wait = tally.lease_wait.max(r.lease_remaining_ms);
+                    tally.lease_wait = tally.lease_wait.max(lease_wait(r, &revoked));
                 } else {
                     tally.only_visibility &= r.sees_primary;
                     tally.refusals.push(format!("{}: {}", r.voter, r.reason));
@@ -124,9 +145,60 @@ pub fn tally<'a>(
     tally
 }
 
+/// How long a granting voter says old leases may still run, leaving out
+/// those of holders that revoked them. A voter that sends no per-holder
+/// detail (an older version) is taken at its overall figure.
+fn lease_wait(reply: &VoteResponse, revoked: &std::collections::BTreeSet<&str>) -> Millis {
+    if reply.leases_ms.is_empty() && reply.forgotten_ms == 0 {
+        return reply.lease_remaining_ms;
+    }
+    reply
+        .leases_ms
+        .iter()
+        .filter(|(holder, _)| !revoked.contains(holder.as_str()))
+        .map(|(_, remaining)| *remaining)
+        .chain([reply.forgotten_ms])
+        .max()
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn reply(voter: &str, leases: &[(&str, u64)], revoked: bool) -> Result<VoteResponse, String> {
+        Ok(VoteResponse {
+            voter: voter.into(),
+            granted: true,
+            reason: String::new(),
+            lease_remaining_ms: leases.iter().map(|(_, ms)| *ms).max().unwrap_or_default(),
+            record: crate::consensus::VoterRecord::default(),
+            sees_primary: false,
+            leases_ms: leases.iter().map(|(h, ms)| ((*h).into(), *ms)).collect(),
+            forgotten_ms: 0,
+            holder_revoked: revoked,
+        })
+    }
+
+    #[test]
+    fn leases_of_holders_that_voted_and_revoked_are_not_waited() {
+        // p1 voted for p2 and stopped routing: only the agent's lease
+        // (which does not revoke) is waited out.
+        let replies = [
+            reply("p2", &[("p1", 3000), ("a1", 1200)], true),
+            reply("p1", &[("p1", 3500)], true),
+            reply("w1", &[("p1", 3900), ("a1", 1500)], false),
+        ];
+        assert_eq!(tally("p2", replies.iter()).lease_wait, 1500);
+        // A duplicated answer counts once; p1 absent: its lease counts.
+        let replies = [
+            reply("p2", &[("p1", 3000)], true),
+            reply("p2", &[("p1", 3000)], true),
+            reply("w1", &[("p1", 3900)], false),
+        ];
+        let t = tally("p2", replies.iter());
+        assert_eq!((t.granted, t.lease_wait), (2, 3900));
+    }
 
     #[test]
     fn a_lease_counts_from_the_send_with_the_shortest_grant() {
@@ -135,6 +207,19 @@ mod tests {
         assert_eq!(h.valid_until(), Some(3100));
         assert_eq!(h.on_round(1100, &[4000], 2, 1200), Renewal::Refused);
         assert!(h.is_valid(3099) && !h.is_valid(3100));
+        let mut revoked = LeaseHolder::new(0);
+        revoked.on_round(0, &[4000, 4000], 2, 10);
+        revoked.revoke(20);
+        assert_eq!(
+            revoked.on_round(15, &[4000, 4000], 2, 30),
+            Renewal::Refused,
+            "a round in flight across the revocation"
+        );
+        assert!(!revoked.is_valid(30));
+        assert_eq!(
+            revoked.on_round(25, &[4000, 4000], 2, 40),
+            Renewal::Acquired
+        );
         let mut agent = LeaseHolder::new(1000);
         agent.on_round(0, &[4000, 4000], 2, 10);
         assert_eq!(agent.valid_until(), Some(3000), "the fence lead comes off");

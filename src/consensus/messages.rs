@@ -1,5 +1,7 @@
 //! The voters' HTTP/JSON messages.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use super::record::VoterRecord;
@@ -53,6 +55,18 @@ pub struct VoteResponse {
     /// its view may just lag the candidate's, so asking again soon is fine.
     #[serde(default)]
     pub sees_primary: bool,
+    /// The leases of older terms this voter granted that still run, by
+    /// holder, in milliseconds (`lease_remaining_ms` is their maximum,
+    /// with `forgotten_ms`).
+    #[serde(default)]
+    pub leases_ms: BTreeMap<String, u64>,
+    /// How long a lease granted before this voter's last restart may run.
+    #[serde(default)]
+    pub forgotten_ms: u64,
+    /// Granting, this voter's own member (a proxy) stopped routing writes
+    /// under its lease: the candidate need not wait that lease out.
+    #[serde(default)]
+    pub holder_revoked: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -108,7 +108,20 @@ impl VoterState {
             lease_remaining_ms: self.lease_remaining_before(request.term, now),
             record: self.record.clone(),
             sees_primary,
+            leases_ms: self.leases_before(request.term, now),
+            forgotten_ms: self.forgotten_leases_until.saturating_sub(now.mono),
+            holder_revoked: false,
         }
+    }
+
+    /// The leases granted for terms older than `term` that still run,
+    /// by holder.
+    fn leases_before(&self, term: u64, now: Now) -> std::collections::BTreeMap<String, u64> {
+        self.leases
+            .iter()
+            .filter(|(_, (t, expires))| *t < term && *expires > now.mono)
+            .map(|(holder, (_, expires))| (holder.clone(), expires - now.mono))
+            .collect()
     }
 
     /// How long the longest lease granted for a term older than `term`

@@ -16,9 +16,14 @@ use super::timing::Timing;
 use crate::events::EventLog;
 use crate::topology::TopologyStore;
 
+/// What a member does the moment its voter grants a vote for a newer
+/// term (a proxy stops routing under its lease).
+pub type OnGrant = Box<dyn Fn() + Send + Sync>;
+
 pub struct Voter {
     pub name: String,
     pub kind: MemberKind,
+    on_grant: std::sync::OnceLock<OnGrant>,
     file: StateFile,
     state: Mutex<VoterState>,
     view: Arc<TopologyStore>,
@@ -60,6 +65,7 @@ impl Voter {
         Ok(Self {
             name,
             kind,
+            on_grant: std::sync::OnceLock::new(),
             file,
             state: Mutex::new(state),
             view,
@@ -87,12 +93,25 @@ impl Voter {
         |record| self.file.save(record).map_err(|e| e.to_string())
     }
 
-    /// See `VoterState::vote`; the answer is recorded as an event.
+    /// Sets what this member does when its voter grants a vote (once).
+    pub fn on_grant(&self, revoke: OnGrant) {
+        let _ = self.on_grant.set(revoke);
+    }
+
+    /// See `VoterState::vote`; the answer is recorded as an event. A
+    /// granted vote first runs `on_grant` (before the answer leaves), and
+    /// the answer says so.
     pub fn vote(&self, request: &VoteRequest) -> VoteResponse {
         let view = self.view.load();
-        let response = self
+        let mut response = self
             .lock()
             .vote(request, &view.nodes, clock_now(), &mut self.persist());
+        if response.granted
+            && let Some(revoke) = self.on_grant.get()
+        {
+            revoke();
+            response.holder_revoked = true;
+        }
         let kind = if response.granted {
             "vote_granted"
         } else {

@@ -83,6 +83,16 @@ impl LeaseKeeper {
         }
     }
 
+    /// This member voted for a newer term: it stops routing under its
+    /// lease at once, and routes again only after a renewal (which the
+    /// voters refuse while that vote holds), so the candidate need not
+    /// wait this lease out.
+    pub fn revoke(&self) {
+        self.lock_holder().revoke(mono_ms());
+        self.publish_gate();
+        self.changed.notify_waiters();
+    }
+
     pub fn valid_until(&self) -> Option<Instant> {
         let until = self.lock_holder().valid_until()?;
         Some(Instant::now() + Duration::from_millis(until.saturating_sub(mono_ms())))

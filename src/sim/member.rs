@@ -332,9 +332,10 @@ impl Member {
         match msg {
             Msg::VoteReq(request) => {
                 let view = self.view(ctx.local);
-                let reply =
+                let mut reply =
                     self.voter
                         .vote(&request, &view, now, &mut Self::persist(&mut self.disk));
+                self.revoke_on_grant(&mut reply, ctx.local);
                 ctx.out.push((from, Msg::VoteRep(Box::new(reply))));
             }
             Msg::VoteRep(reply) => self.on_vote(*reply, ctx),
@@ -369,6 +370,15 @@ impl Member {
             Msg::ProbeRep(report, id) => self.on_probe(from - ctx.members, report, id, ctx),
             Msg::PromoteRep(term, ok) => self.on_promoted(term, ok, ctx),
             _ => {}
+        }
+    }
+
+    /// As the real proxy: granting a vote stops its own routing at once.
+    fn revoke_on_grant(&mut self, reply: &mut VoteResponse, now: Millis) {
+        if reply.granted && self.kind == Kind::Proxy {
+            self.holder.revoke(now);
+            self.route_cache = None;
+            reply.holder_revoked = true;
         }
     }
 
@@ -525,14 +535,18 @@ impl Member {
             self.holder.drop_lease();
             self.unleased_since = None;
         }
+        // The agent knows its own postmaster runs (frozen or not) unless
+        // its host refuses connections: then it is gone.
+        let up = !self.probes[node].refused;
+        let standby = report.is_some_and(|r| r.standby);
         if primary_is_me {
-            if writable && self.must_fence(ctx) {
+            if up && !standby && self.must_fence(ctx) {
                 ctx.notes
                     .push(format!("{} fences {me}: no lease", self.name));
                 ctx.out.push((addr, Msg::Stop));
                 self.probes[node].failing_since = Some(ctx.local);
                 self.probes[node].refused = true;
-            } else if !running && self.holder.is_valid(ctx.local) {
+            } else if !up && self.holder.is_valid(ctx.local) {
                 ctx.out.push((addr, Msg::StartPrimary));
             }
             return;
@@ -769,12 +783,13 @@ impl Member {
                 reason: ElectionReason::Failover,
             };
             let view = self.view(ctx.local);
-            let mine = self.voter.vote(
+            let mut mine = self.voter.vote(
                 &request,
                 &view,
                 ctx.now(),
                 &mut Self::persist(&mut self.disk),
             );
+            self.revoke_on_grant(&mut mine, ctx.local);
             if let Phase::Voting { replies, .. } = &mut self.phase {
                 replies.push(Ok(mine));
             }
@@ -797,9 +812,24 @@ impl Member {
         self.min_next_term = self.min_next_term.max(counted.taken_term + 1);
         if counted.granted >= majority(ctx.members) {
             let wait = counted.lease_wait + ms(ctx.timing.promotion_margin());
+            let leases: Vec<String> = replies
+                .iter()
+                .flatten()
+                .filter(|r| r.granted)
+                .map(|r| {
+                    format!(
+                        "{}{:?}{}",
+                        r.voter,
+                        r.leases_ms,
+                        if r.holder_revoked { " revoked" } else { "" }
+                    )
+                })
+                .collect();
             ctx.notes.push(format!(
-                "{} won term {term} for {}; waits {wait} ms",
-                self.name, self.specs[node].name
+                "{} won term {term} for {}; waits {wait} ms (leases by voter: {})",
+                self.name,
+                self.specs[node].name,
+                leases.join(", ")
             ));
             self.phase = Phase::Waiting {
                 term,

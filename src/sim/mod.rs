@@ -212,7 +212,7 @@ impl Sim {
             self.stats.events += 1;
             self.handle(event);
             self.check_one_writer()?;
-            if let Some(violation) = self.trace.iter().find(|l| l.starts_with("VIOLATION")) {
+            if let Some(violation) = self.trace.iter().rev().find(|l| l.starts_with("VIOLATION")) {
                 return Err(violation.clone());
             }
         }
@@ -422,6 +422,7 @@ impl Sim {
         self.last_commit_at = now;
         if let Some(newest) = &self.newest_commit
             && commit.timeline < newest.timeline
+            && !self.trace.iter().any(|l| l.starts_with("VIOLATION"))
         {
             {
                 self.trace.push(format!(
