@@ -18,6 +18,9 @@ use crate::topology::Topology;
 #[derive(Debug, Default)]
 pub struct DemotedSince {
     seen: Mutex<Option<(u64, Instant)>>,
+    /// A term in which this proxy's own switchover failed: it knows no
+    /// switchover is still running, so it steps in at once.
+    own_switchover_failed: std::sync::atomic::AtomicU64,
 }
 
 impl DemotedSince {
@@ -32,6 +35,18 @@ impl DemotedSince {
                 Duration::ZERO
             }
         }
+    }
+
+    /// This proxy's switchover in `term` ended without a new primary.
+    pub fn switchover_failed(&self, term: u64) {
+        self.own_switchover_failed
+            .store(term, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn own_switchover_failed_in(&self, term: u64) -> bool {
+        self.own_switchover_failed
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == term
     }
 
     /// The primary was seen writable again.
@@ -58,7 +73,9 @@ impl Coordinator {
         term: u64,
     ) -> Result<(), String> {
         let name = topology.nodes[primary].spec.name.clone();
-        let grace = if self.lease.needed() {
+        // Other proxies cannot know whether a switchover is still running;
+        // the one whose own switchover failed does.
+        let grace = if self.lease.needed() && !self.demoted_since.own_switchover_failed_in(term) {
             longest_switchover(self.drain_timeout)
         } else {
             Duration::ZERO

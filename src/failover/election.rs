@@ -113,6 +113,18 @@ impl Coordinator {
         let [node] = writable.as_slice() else {
             return Ok(());
         };
+        if let Some(newer) = newer_timeline_than(topology, &self.topology.statuses(), node) {
+            self.note(
+                0,
+                "bootstrap_refused",
+                Some(node),
+                format!(
+                    "{node} is the only writable node, but {newer} is on a newer timeline: \
+                 {node} is an old primary, not the cluster's first; refusing to bootstrap on it"
+                ),
+            );
+            return Ok(());
+        }
         let term = self.next_term(0);
         self.elect(term, ElectionReason::Bootstrap, None, node)
             .await?;
@@ -270,6 +282,28 @@ impl Coordinator {
     }
 }
 
+/// A node seen on a newer timeline than `candidate` (which is then an
+/// old primary, whatever else is down).
+fn newer_timeline_than(
+    topology: &Topology,
+    statuses: &[Option<crate::monitor::NodeStatus>],
+    candidate: &str,
+) -> Option<String> {
+    let timeline_of = |i: usize| {
+        statuses
+            .get(i)
+            .and_then(Option::as_ref)
+            .and_then(|s| s.timeline)
+    };
+    let mine = timeline_of(topology.index_of(candidate)?)?;
+    topology
+        .nodes
+        .iter()
+        .enumerate()
+        .find(|(i, _)| timeline_of(*i).is_some_and(|t| t > mine))
+        .map(|(_, n)| n.spec.name.clone())
+}
+
 /// How many quick retries (after refusals for visibility only) are left
 /// in a term: enough to cover the voters' detection, not a flood of
 /// refused votes through a long one-sided partition.
@@ -289,5 +323,50 @@ impl QuickRetries {
         }
         used.1 += 1;
         used.1 <= Self::PER_TERM
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::config::NodeSpec;
+    use crate::monitor::NodeStatus;
+    use crate::topology::TopologyStore;
+
+    /// Defect: a lone proxy restarted without its record bootstrapped on
+    /// the old primary (writable, timeline 1) while the newer primary was
+    /// down, and then fenced the newer one when it came back.
+    #[test]
+    fn bootstrap_refuses_an_old_primary_when_a_newer_timeline_is_seen() {
+        let specs: Vec<_> = ["n1", "n2"]
+            .iter()
+            .map(|n| {
+                Arc::new(NodeSpec {
+                    name: (*n).into(),
+                    host: "h".into(),
+                    port: 1,
+                })
+            })
+            .collect();
+        let store = TopologyStore::new(&specs);
+        let status = |timeline| {
+            Some(NodeStatus {
+                timeline: Some(timeline),
+                ..NodeStatus::default()
+            })
+        };
+        let topology = store.load();
+        let seen = [status(1), status(2)];
+        assert_eq!(
+            newer_timeline_than(&topology, &seen, "n1").as_deref(),
+            Some("n2")
+        );
+        assert_eq!(newer_timeline_than(&topology, &seen, "n2"), None);
+        assert_eq!(
+            newer_timeline_than(&topology, &[status(1), None], "n1"),
+            None
+        );
     }
 }

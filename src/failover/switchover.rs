@@ -77,12 +77,10 @@ impl Coordinator {
         self.set_blocked(None);
         self.switching.store(false, Ordering::SeqCst);
         if let Err(e) = &result {
-            self.events.record(
-                self.peers.me().record().term,
-                "switchover_failed",
-                Some(&request.to),
-                e.clone(),
-            );
+            let term = self.peers.me().record().term;
+            self.demoted_since.switchover_failed(term);
+            self.events
+                .record(term, "switchover_failed", Some(&request.to), e.clone());
         }
         result
     }
