@@ -16,6 +16,9 @@
 # per scenario the median and maximum of each.
 #
 #   benches/failover.sh            # ROUNDS=5 SCENARIOS="kill9 partition"
+#   PROXIES=2 benches/failover.sh  # two proxies (p1, p2) and the witness
+#                                  # voting, one writer through each proxy;
+#                                  # routing leases are then in force
 #
 # Environment: ROUNDS, SCENARIOS, PGBIN (PostgreSQL 15 server binaries),
 # PGFAILOVER (a built binary; default: cargo build --release), KEEP_TMP=1
@@ -34,6 +37,7 @@
 set -euo pipefail
 
 ROUNDS=${ROUNDS:-5}
+PROXIES=${PROXIES:-1}
 SCENARIOS=${SCENARIOS:-kill9 partition}
 PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
 ROUND_TIMEOUT=${ROUND_TIMEOUT:-60}
@@ -54,6 +58,7 @@ done
 for cmd in ip tc nsenter curl runuser git; do command -v "$cmd" >/dev/null || die "missing '$cmd' on PATH"; done
 $PY -c 'import psycopg2' 2>/dev/null || die "$PY cannot import psycopg2 (apt-get install -y python3-psycopg2)"
 for s in $SCENARIOS; do [[ $s == kill9 || $s == partition ]] || die "unknown scenario '$s'"; done
+[[ $PROXIES == 1 || $PROXIES == 2 ]] || die "PROXIES must be 1 or 2"
 read -r LOAD_START _ </proc/loadavg
 
 # --- cleanup: every process, data dir, namespace and the temp dir ---------
@@ -146,6 +151,7 @@ partition_off
 MONITOR_PASSWORD=monitor-secret REPL_PASSWORD=repl-secret BENCH_PASSWORD=bench-secret
 CLUSTER_TOKEN=bench-token
 PG_PORT_N1=5432 PG_PORT_N2=5433 PROXY_PORT=6432 ADMIN_P1=8008 ADMIN_W1=8009
+PROXY_PORT_2=6433 ADMIN_P2=8010
 as_pg() { runuser -u postgres -- "$@"; }
 
 log "initdb (template)"
@@ -208,7 +214,7 @@ while True:
         conn = None
     time.sleep(0.01)
 EOF
-WRITER_DSN="host=127.0.0.1 port=$PROXY_PORT dbname=postgres user=bench password=$BENCH_PASSWORD sslmode=disable application_name=failover-bench"
+writer_dsn() { echo "host=127.0.0.1 port=$1 dbname=postgres user=bench password=$BENCH_PASSWORD sslmode=disable application_name=failover-bench"; }
 
 # --- one round ---------------------------------------------------------------
 # wait_for SECONDS WHAT COMMAND...: polls COMMAND every 100 ms.
@@ -237,8 +243,16 @@ streaming() {
   [[ $(as_pg "$PGBIN/psql" -h "$R" -p "$PG_PORT_N1" -U postgres -d postgres -XAtqc \
     "SELECT count(*) FROM pg_stat_replication WHERE application_name = 'n2' AND state = 'streaming'" 2>/dev/null) == 1 ]]
 }
-writes_on() { [[ $(grep -c " $1\$" "$R/writer.log" 2>/dev/null) -ge $2 ]]; }
-has_event() { local e; e=$(admin "$ADMIN_P1" /events 2>/dev/null) && grep -Eq "\"kind\": *\"$1\"" <<<"$e"; }
+# writes_on NODE N [LOG]: LOG (default: every writer's) has N writes on NODE.
+writes_on() { [[ $(cat "${3:-$R/writer.log}" "$R"/writer-*.log 2>/dev/null | grep -c " $1\$") -ge $2 ]]; }
+proxy_admins() { echo "$ADMIN_P1"; ((PROXIES == 2)) && echo "$ADMIN_P2"; return 0; }
+has_event() {
+  local e port
+  for port in $(proxy_admins); do
+    e=$(admin "$port" /events 2>/dev/null) && grep -Eq "\"kind\": *\"$1\"" <<<"$e" && return 0
+  done
+  return 1
+}
 # node_conf DATADIR NAME PORT ADDR
 node_conf() {
   printf "port = %s\nlisten_addresses = '%s'\nunix_socket_directories = '%s'\ncluster_name = '%s'\n" \
@@ -247,7 +261,7 @@ node_conf() {
 }
 show_logs() {
   local f
-  for f in proxy.log witness.log n1.log n2.log writer.log; do
+  for f in proxy.log proxy-2.log witness.log n1.log n2.log writer.log writer-2.log; do
     [[ -f $R/$f ]] || continue
     echo "--- $R/$f (last 25 lines) ---" >&2
     tail -n 25 "$R/$f" >&2
@@ -278,6 +292,7 @@ setup() {
 
   local common=(--voter "p1=http://127.0.0.1:$ADMIN_P1" --voter "w1=http://127.0.0.1:$ADMIN_W1"
     --node "n1=$N1_HOSTPORT" --node "n2=127.0.0.1:$PG_PORT_N2" --monitor-user pgfailover)
+  ((PROXIES == 2)) && common+=(--voter "p2=http://127.0.0.1:$ADMIN_P2")
   "${IN_MAIN[@]}" env PGFAILOVER_MONITOR_PASSWORD="$MONITOR_PASSWORD" PGFAILOVER_CLUSTER_TOKEN="$CLUSTER_TOKEN" \
     "$PGFAILOVER" witness --name w1 --admin-listen "127.0.0.1:$ADMIN_W1" --state-dir "$R/w1" "${common[@]}" \
     >"$R/witness.log" 2>&1 &
@@ -286,12 +301,24 @@ setup() {
     "$PGFAILOVER" proxy --name p1 --listen "127.0.0.1:$PROXY_PORT" --admin-listen "127.0.0.1:$ADMIN_P1" \
     --state-dir "$R/p1" "${common[@]}" >"$R/proxy.log" 2>&1 &
   PIDS+=($!)
+  if ((PROXIES == 2)); then
+    "${IN_MAIN[@]}" env PGFAILOVER_MONITOR_PASSWORD="$MONITOR_PASSWORD" PGFAILOVER_CLUSTER_TOKEN="$CLUSTER_TOKEN" \
+      "$PGFAILOVER" proxy --name p2 --listen "127.0.0.1:$PROXY_PORT_2" --admin-listen "127.0.0.1:$ADMIN_P2" \
+      --state-dir "$R/p2" "${common[@]}" >"$R/proxy-2.log" 2>&1 &
+    PIDS+=($!)
+    wait_for 30 "p2 routing to n1 in term 1" member_ready "$ADMIN_P2" n1 || { show_logs; die "p2 never routed to n1"; }
+  fi
   wait_for 30 "the proxy routing to n1 in term 1" member_ready "$ADMIN_P1" n1 || { show_logs; die "the proxy never routed to n1"; }
   wait_for 30 "the witness seeing n1 and n2" member_ready "$ADMIN_W1" || { show_logs; die "the witness never saw the pair"; }
 
-  "${IN_MAIN[@]}" "$PY" "$TMP/writer.py" "$WRITER_DSN" "$R/writer.log" &
+  "${IN_MAIN[@]}" "$PY" "$TMP/writer.py" "$(writer_dsn "$PROXY_PORT")" "$R/writer.log" &
   PIDS+=($!)
-  wait_for 30 "50 writes on n1" writes_on n1 50 || { show_logs; die "the writer cannot write through the proxy"; }
+  wait_for 30 "50 writes on n1" writes_on n1 50 "$R/writer.log" || { show_logs; die "the writer cannot write through the proxy"; }
+  if ((PROXIES == 2)); then
+    "${IN_MAIN[@]}" "$PY" "$TMP/writer.py" "$(writer_dsn "$PROXY_PORT_2")" "$R/writer-2.log" &
+    PIDS+=($!)
+    wait_for 30 "50 writes on n1 through p2" writes_on n1 50 "$R/writer-2.log" || { show_logs; die "the writer cannot write through p2"; }
+  fi
   local pid
   for pid in "${PIDS[@]}"; do # each recorded pid must be the process itself, not a wrapper
     [[ $(cat "/proc/$pid/cmdline" 2>/dev/null | tr '\0' ' ') =~ (pgfailover|writer\.py) ]] \
@@ -313,19 +340,31 @@ measure() {
   fi
   echo "$t0" >"$R/fault_ms"
   local ok=1
-  wait_for "$ROUND_TIMEOUT" "a write on n2" writes_on n2 1 || ok=0
+  # Both writers, with two proxies: the round ends when each wrote on n2.
+  wait_for "$ROUND_TIMEOUT" "a write on n2" writes_on n2 1 "$R/writer.log" || ok=0
+  if ((PROXIES == 2)); then
+    wait_for "$ROUND_TIMEOUT" "a write on n2 through p2" writes_on n2 1 "$R/writer-2.log" || ok=0
+  fi
   ((ok)) && { wait_for 30 "the proxy's failover event" has_event failover || ok=0; }
-  admin "$ADMIN_P1" /events >"$R/events.json" 2>/dev/null || echo '[]' >"$R/events.json"
+  local port i=0
+  for port in $(proxy_admins); do
+    i=$((i + 1))
+    admin "$port" /events >"$R/events-$i.json" 2>/dev/null || echo '[]' >"$R/events-$i.json"
+  done
   ((ok)) || { log "round $round of $scen FAILED"; show_logs; }
-  $PY - "$scen" "$round" "$t0" "$R/events.json" "$R/writer.log" >>"$TMP/results.tsv" <<'EOF'
-import json, sys
-scen, rnd, t0, events, writer = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
-ev = json.load(open(events))
+  $PY - "$scen" "$round" "$t0" "$R" >>"$TMP/results.tsv" <<'EOF'
+import glob, json, sys
+scen, rnd, t0, r = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+# Every proxy's events, in time order (with two, either may promote).
+ev = sorted((e for f in glob.glob(f"{r}/events-*.json") for e in json.load(open(f))), key=lambda e: e["at_ms"])
 def first(kind):
     return next((e for e in ev if e["kind"] == kind and e["at_ms"] >= t0), None)
 down, promote = first("primary_down"), first("promote")
-write = next((int(l.split()[1]) for l in open(writer) if l.startswith("ok ") and l.split()[2] == "n2"), None)
-errors = sum(1 for l in open(writer) if l.startswith("err ") and int(l.split()[1]) >= t0)
+# With two writers: when both have written on n2 (the later first write).
+writers = [f"{r}/writer.log"] + sorted(glob.glob(f"{r}/writer-*.log"))
+firsts = [next((int(l.split()[1]) for l in open(w) if l.startswith("ok ") and l.split()[2] == "n2"), None) for w in writers]
+write = None if None in firsts else max(firsts)
+errors = sum(1 for w in writers for l in open(w) if l.startswith("err ") and int(l.split()[1]) >= t0)
 lost = sum(1 for e in ev if e["kind"] == "election_lost" and e["at_ms"] >= t0)
 cell = lambda v: "-" if v is None else str(v)
 print("\t".join([scen, rnd, cell(down and down["at_ms"] - t0), cell(promote and promote["duration_ms"]),
@@ -355,10 +394,10 @@ read -r LOAD_END _ </proc/loadavg
 
 # --- summary -----------------------------------------------------------------
 echo
-echo "pgfailover failover benchmark, $STARTED, $ROUNDS rounds per scenario; load average $LOAD_START at start, $LOAD_END at end"
+echo "pgfailover failover benchmark, $STARTED, $ROUNDS rounds per scenario, $PROXIES proxy/proxies; load average $LOAD_START at start, $LOAD_END at end"
 echo "$BUILT_FROM"
 echo "$(nproc) CPUs, $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1), kernel $(uname -r)"
-$PY - "$TMP/results.tsv" <<'EOF'
+$PY - "$TMP/results.tsv" "$PROXIES" <<'EOF'
 import statistics, sys
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1])]
 num = lambda v: None if v == "-" else int(v)
@@ -367,7 +406,7 @@ print("| scenario | round | detection | promotion | fault -> promoted | fault ->
 print("|---|---:|---:|---:|---:|---:|---:|---:|")
 for r in rows:
     print("| " + " | ".join(r) + " |")
-targets = {"kill9": 2000, "partition": 5000}
+targets = {"kill9": 2000, "partition": 5000} if sys.argv[2] == "1" else {"kill9": 5000, "partition": 5000}
 print("\nSummary (ms, median / max over rounds):\n")
 print("| scenario | rounds ok | detection | promotion | fault -> promoted | fault -> first write | target (first write, median) |")
 print("|---|---:|---:|---:|---:|---:|---|")

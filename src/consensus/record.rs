@@ -61,6 +61,11 @@ pub struct VoterRecord {
     /// Latest published term and its primary node.
     pub term: u64,
     pub primary: Option<String>,
+    /// This voter has granted a routing lease at least once (written
+    /// before the first grant): only then must it, after a restart,
+    /// assume a lease it granted may still run.
+    #[serde(default)]
+    pub grants_leases: bool,
     /// Kinds of the other members, as learnt from them (a proxy needs
     /// routing leases only when another member may route writes).
     #[serde(default)]
@@ -149,6 +154,7 @@ mod tests {
             pending_until_ms: None,
             term: 2,
             primary: Some("n2".into()),
+            grants_leases: true,
             member_kinds: [("w1".to_string(), MemberKind::Witness)].into(),
         };
         file.save(&record).expect("save");

@@ -51,14 +51,20 @@ pub struct VoterState {
 }
 
 impl VoterState {
-    /// A voter (re)starting on its durable record at `now`.
+    /// A voter (re)starting on its durable record at `now`. One that ever
+    /// granted a lease assumes one may still run for a lease period.
     pub fn start(name: String, timing: Timing, record: VoterRecord, now: Now) -> Self {
+        let forgotten_leases_until = if record.grants_leases {
+            now.mono + ms(timing.lease)
+        } else {
+            now.mono
+        };
         Self {
             name,
             timing,
             record,
             leases: HashMap::new(),
-            forgotten_leases_until: now.mono + ms(timing.lease),
+            forgotten_leases_until,
         }
     }
 
@@ -168,6 +174,7 @@ impl VoterState {
         } else {
             None
         };
+        let refusal = refusal.or_else(|| self.remember_granting(persist).err());
         if refusal.is_none() {
             let expires = now.mono + ms(self.timing.lease);
             self.leases
@@ -180,6 +187,18 @@ impl VoterState {
             reason: refusal.unwrap_or_else(|| "granted".into()),
             record: self.record.clone(),
         }
+    }
+
+    /// Before its first lease ever, a voter records that it grants them
+    /// (see `start`).
+    fn remember_granting(&mut self, persist: Persist<'_>) -> Result<(), String> {
+        if self.record.grants_leases {
+            return Ok(());
+        }
+        let mut next = self.record.clone();
+        next.grants_leases = true;
+        self.commit(next, persist)
+            .map_err(|e| format!("cannot persist that this voter grants leases: {e}"))
     }
 
     /// Records a newly published term. Refuses an older term, and a
@@ -354,6 +373,25 @@ mod tests {
         }
     }
 
+    /// A voter that never granted a lease (a lone proxy's, a witness of
+    /// a one-proxy cluster) has none to assume after a restart: its
+    /// restart costs the next failover nothing.
+    #[test]
+    fn a_voter_that_never_granted_a_lease_assumes_none() {
+        let timing = Timing::new(Duration::from_secs(4));
+        let mut fresh = VoterState::start("w1".into(), timing, record(), at(10_000));
+        let vote = VoteRequest {
+            term: 2,
+            candidate: "p1".into(),
+            old_primary: Some("n1".into()),
+            new_primary: "n2".into(),
+            reason: ElectionReason::Failover,
+        };
+        let reply = fresh.vote(&vote, &view(), at(10_100), &mut |_| Ok(()));
+        assert!(reply.granted);
+        assert_eq!(reply.lease_remaining_ms, 0);
+    }
+
     fn view() -> Vec<NodeState> {
         ["n1", "n2"]
             .iter()
@@ -384,9 +422,17 @@ mod tests {
             holder: "p1".into(),
             primary: "n1".into(),
         };
-        assert!(before.lease(&lease, at(10_000), &mut |_| Ok(())).granted);
-        // Crash at 10.5 s, restart at 11 s on the same record.
-        let mut after = VoterState::start("w1".into(), timing, record(), at(11_000));
+        let mut disk = record();
+        let granted = before.lease(&lease, at(10_000), &mut |r| {
+            disk = r.clone();
+            Ok(())
+        });
+        assert!(
+            granted.granted && disk.grants_leases,
+            "recorded before the grant"
+        );
+        // Crash at 10.5 s, restart at 11 s on the record on disk.
+        let mut after = VoterState::start("w1".into(), timing, disk, at(11_000));
         let vote = VoteRequest {
             term: 2,
             candidate: "p2".into(),

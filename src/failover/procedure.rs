@@ -282,13 +282,28 @@ impl Coordinator {
         } else {
             format!("primary changed from {old} to {new}")
         };
+        // Until when the old primary may have taken writes: this proxy's
+        // last probe of it, or, with other proxies routing, the end of
+        // their leases, which can be long after this proxy lost sight.
+        let exposure = if self.lease.needed() {
+            format!(
+                "commits up to one routing lease ({:?}) after this proxy last saw it may be lost \
+                 (another proxy may have written until its lease ran out)",
+                self.peers.me().lease_duration()
+            )
+        } else {
+            format!(
+                "commits from its last {:?} before failing may be lost",
+                self.monitor.interval
+            )
+        };
         let gap = match chosen.gap {
             _ if old == new => "no WAL gap (it holds every record it wrote)".into(),
-            Some(bytes) if bytes > 0 => format!("WAL gap at least {bytes} bytes (data at risk)"),
+            Some(bytes) if bytes > 0 => {
+                format!("WAL gap at least {bytes} bytes (data at risk); {exposure}")
+            }
             Some(_) => format!(
-                "WAL gap unknown: the old primary was last seen behind the promoted position; \
-                 commits from its last {:?} before failing may be lost",
-                self.monitor.interval
+                "WAL gap unknown: the old primary was last seen behind the promoted position; {exposure}"
             ),
             None => "WAL gap unknown (old primary's position never seen)".into(),
         };
@@ -382,7 +397,9 @@ impl Coordinator {
     /// primary naming the healthy streaming standbys (strict mode: all
     /// standbys, even with none healthy, so writes wait rather than risk).
     pub(super) async fn manage_synchronous(&self, primary: usize, term: u64) {
-        if !self.failover.synchronous {
+        // Only a proxy that may route writes in this term changes what
+        // the primary waits for: a stale or cut-off one must not.
+        if !self.failover.synchronous || (self.lease.needed() && !self.lease.is_valid()) {
             return;
         }
         let topology = self.topology.load();
@@ -390,6 +407,25 @@ impl Coordinator {
         let Some(status) = statuses.get(primary).and_then(Option::as_ref) else {
             return;
         };
+        let unmatched: Vec<&str> = status
+            .replicas
+            .iter()
+            .filter(|r| topology.index_of(&r.name).is_none())
+            .map(|r| r.name.as_str())
+            .collect();
+        if !unmatched.is_empty() {
+            self.note(
+                term,
+                "synchronous_unmatched",
+                None,
+                format!(
+                    "standbys streaming as application_name {unmatched:?} match no --node name: \
+                 they can never be the synchronous standby, so --synchronous runs asynchronous \
+                 for them and refuses to fail over to them (set each standby's application_name, \
+                 in primary_conninfo, to its node name)"
+                ),
+            );
+        }
         let streaming: Vec<&str> = status
             .replicas
             .iter()

@@ -113,10 +113,13 @@ impl Sim {
                 kinds.push((format!("a{}", n + 1), node_host(n), Kind::Agent { node: n }));
             }
         }
+        // A cluster that has been running with leases: every voter has
+        // granted some.
         let record = VoterRecord {
             voted_term: 1,
             term: 1,
             primary: Some(NODES[0].into()),
+            grants_leases: true,
             ..VoterRecord::default()
         };
         let slots = kinds
