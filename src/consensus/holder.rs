@@ -97,6 +97,11 @@ pub struct Tally {
     /// The highest term any voter voted in for another candidate: the
     /// next election must go past it.
     pub taken_term: u64,
+    /// Some lease of an older term (of a holder that did not revoke it)
+    /// runs or just ended: the promoter adds `Timing::promotion_margin`.
+    /// With none anywhere among the granting voters, no holder can still
+    /// count one (any lease majority shares a voter with the votes).
+    pub leases_seen: bool,
 }
 
 /// Counts `replies` (an error is a voter that did not answer) of an
@@ -130,7 +135,9 @@ pub fn tally<'a>(
                 }
                 if r.granted {
                     tally.granted += 1;
-                    tally.lease_wait = tally.lease_wait.max(lease_wait(r, &revoked));
+                    let wait = lease_wait(r, &revoked);
+                    tally.lease_wait = tally.lease_wait.max(wait.unwrap_or_default());
+                    tally.leases_seen |= wait.is_some();
                 } else {
                     tally.only_visibility &= r.sees_primary;
                     tally.refusals.push(format!("{}: {}", r.voter, r.reason));
@@ -146,20 +153,21 @@ pub fn tally<'a>(
 }
 
 /// How long a granting voter says old leases may still run, leaving out
-/// those of holders that revoked them. A voter that sends no per-holder
-/// detail (an older version) is taken at its overall figure.
-fn lease_wait(reply: &VoteResponse, revoked: &std::collections::BTreeSet<&str>) -> Millis {
+/// those of holders that revoked them; `None` when it knows of none. A
+/// voter that sends no per-holder detail (an older version) is taken at
+/// its overall figure.
+fn lease_wait(reply: &VoteResponse, revoked: &std::collections::BTreeSet<&str>) -> Option<Millis> {
     if reply.leases_ms.is_empty() && reply.forgotten_ms == 0 {
-        return reply.lease_remaining_ms;
+        return (reply.lease_remaining_ms > 0).then_some(reply.lease_remaining_ms);
     }
+    let forgotten = (reply.forgotten_ms > 0).then_some(reply.forgotten_ms);
     reply
         .leases_ms
         .iter()
         .filter(|(holder, _)| !revoked.contains(holder.as_str()))
         .map(|(_, remaining)| *remaining)
-        .chain([reply.forgotten_ms])
+        .chain(forgotten)
         .max()
-        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -189,7 +197,16 @@ mod tests {
             reply("p1", &[("p1", 3500)], true),
             reply("w1", &[("p1", 3900), ("a1", 1500)], false),
         ];
-        assert_eq!(tally("p2", replies.iter()).lease_wait, 1500);
+        let t = tally("p2", replies.iter());
+        assert_eq!((t.lease_wait, t.leases_seen), (1500, true));
+        // Both proxies voted and revoked, no agent: nothing to wait for,
+        // not even the margin.
+        let replies = [
+            reply("p2", &[("p1", 3000), ("p2", 3000)], true),
+            reply("p1", &[("p1", 3500), ("p2", 2000)], true),
+        ];
+        let t = tally("p2", replies.iter());
+        assert_eq!((t.lease_wait, t.leases_seen), (0, false));
         // A duplicated answer counts once; p1 absent: its lease counts.
         let replies = [
             reply("p2", &[("p1", 3000)], true),

@@ -121,12 +121,14 @@ impl VoterState {
     }
 
     /// The leases granted for terms older than `term` that still run,
-    /// by holder.
+    /// by holder, and those that ended less than a promotion margin ago
+    /// (at 0: a holder's clock may still count them for that long).
     fn leases_before(&self, term: u64, now: Now) -> std::collections::BTreeMap<String, u64> {
+        let margin = ms(self.timing.promotion_margin());
         self.leases
             .iter()
-            .filter(|(_, (t, expires))| *t < term && *expires > now.mono)
-            .map(|(holder, (_, expires))| (holder.clone(), expires - now.mono))
+            .filter(|(_, (t, expires))| *t < term && expires + margin > now.mono)
+            .map(|(holder, (_, expires))| (holder.clone(), expires.saturating_sub(now.mono)))
             .collect()
     }
 

@@ -19,7 +19,8 @@ const PROMOTE_MARGIN: Duration = Duration::from_secs(15);
 
 /// A won election.
 pub struct Won {
-    /// How long older routing leases granted by the voters still run.
+    /// How long older routing leases granted by the voters may still run
+    /// at their holders (`Timing::promotion_margin` included).
     pub lease_wait: Duration,
     /// The winner must start promoting before this: past it the voters
     /// stop holding their votes for it and renew old leases again.
@@ -173,8 +174,13 @@ impl Coordinator {
                 Some(new_primary),
                 format!("{granted} of {} votes ({reason:?})", self.peers.count()),
             );
+            let margin = if counted.leases_seen {
+                self.peers.me().timing().promotion_margin()
+            } else {
+                Duration::ZERO
+            };
             return Ok(Won {
-                lease_wait: Duration::from_millis(counted.lease_wait),
+                lease_wait: Duration::from_millis(counted.lease_wait) + margin,
                 act_before,
             });
         }

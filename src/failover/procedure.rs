@@ -197,11 +197,11 @@ impl Coordinator {
 
     /// Before acting on a won election: wait out every routing lease of
     /// the old term (the longest a granting voter reported, plus the
-    /// margin `Timing` derives for drift and late timers), then check the
-    /// votes still hold and no newer term exists.
+    /// margin `Timing` derives for drift and late timers, see `tally`),
+    /// then check the votes still hold and no newer term exists.
     async fn clear_to_act(&self, term: u64, node: &str, won: &Won) -> Result<(), String> {
-        if self.peers.count() > 1 {
-            let wait = won.lease_wait + self.peers.me().timing().promotion_margin();
+        if !won.lease_wait.is_zero() {
+            let wait = won.lease_wait;
             self.events.record_timed(
                 term,
                 "lease_wait",

@@ -811,7 +811,12 @@ impl Member {
         let counted = tally(&self.name, replies.iter());
         self.min_next_term = self.min_next_term.max(counted.taken_term + 1);
         if counted.granted >= majority(ctx.members) {
-            let wait = counted.lease_wait + ms(ctx.timing.promotion_margin());
+            let margin = if counted.leases_seen {
+                ms(ctx.timing.promotion_margin())
+            } else {
+                0
+            };
+            let wait = counted.lease_wait + margin;
             let leases: Vec<String> = replies
                 .iter()
                 .flatten()
