@@ -25,7 +25,14 @@ pub struct Won {
     /// The winner must start promoting before this: past it the voters
     /// stop holding their votes for it and renew old leases again.
     pub act_before: Instant,
+    /// The request that won, asked again while old leases run out.
+    pub request: VoteRequest,
 }
+
+/// While waiting out old leases, the winner asks the voters again this
+/// often: a proxy that refused only because its view lagged now grants,
+/// revoking its own lease, and the wait shrinks to what is left.
+const REASK_EVERY: Duration = Duration::from_millis(250);
 
 impl Coordinator {
     /// Adopts the newest published term any voter knows, and learns the
@@ -174,14 +181,10 @@ impl Coordinator {
                 Some(new_primary),
                 format!("{granted} of {} votes ({reason:?})", self.peers.count()),
             );
-            let margin = if counted.leases_seen {
-                self.peers.me().timing().promotion_margin()
-            } else {
-                Duration::ZERO
-            };
             return Ok(Won {
-                lease_wait: Duration::from_millis(counted.lease_wait) + margin,
+                lease_wait: self.lease_wait_of(&counted),
                 act_before,
+                request,
             });
         }
         let detail = format!(
@@ -194,6 +197,47 @@ impl Coordinator {
         self.peers.release_votes(term).await;
         self.back_off(term, counted.only_visibility).await;
         Err(detail)
+    }
+
+    /// How long the old leases `counted` reports may still run at their
+    /// holders: the longest, plus the drift margin when there is any.
+    fn lease_wait_of(&self, counted: &crate::consensus::holder::Tally) -> Duration {
+        let margin = if counted.leases_seen {
+            self.peers.me().timing().promotion_margin()
+        } else {
+            Duration::ZERO
+        };
+        Duration::from_millis(counted.lease_wait) + margin
+    }
+
+    /// Waits until no routing lease of the old term can run at its holder.
+    /// Every `REASK_EVERY` the voters are asked again for the same vote
+    /// (the same candidate may ask again): a majority's fresh answers
+    /// bound every lease from that moment, as the first ones did, so the
+    /// wait only ever shrinks, typically once a proxy that refused for a
+    /// lagging view grants and revokes its own lease.
+    pub(super) async fn wait_out_leases(&self, won: &Won) -> Duration {
+        let started = Instant::now();
+        let mut until = started + won.lease_wait;
+        let needed = majority(self.peers.count());
+        loop {
+            let now = Instant::now();
+            if now >= until {
+                return started.elapsed();
+            }
+            sleep(REASK_EVERY.min(until - now)).await;
+            if Instant::now() >= until {
+                return started.elapsed();
+            }
+            let replies = self.peers.request_votes(&won.request).await;
+            // Counted from after every answer: each voter measured what it
+            // reports at or before this instant.
+            let answered = Instant::now();
+            let counted = tally(&won.request.candidate, &replies);
+            if counted.granted >= needed {
+                until = until.min(answered + self.lease_wait_of(&counted));
+            }
+        }
     }
 
     /// Pauses after a lost election. Voters that refused only because they

@@ -201,15 +201,17 @@ impl Coordinator {
     /// then check the votes still hold and no newer term exists.
     async fn clear_to_act(&self, term: u64, node: &str, won: &Won) -> Result<(), String> {
         if !won.lease_wait.is_zero() {
-            let wait = won.lease_wait;
+            let waited = self.wait_out_leases(won).await;
             self.events.record_timed(
                 term,
                 "lease_wait",
                 Some(node),
-                "waiting out routing leases of the old term",
-                wait,
+                format!(
+                    "waited out routing leases of the old term ({} ms at most, as first reported)",
+                    won.lease_wait.as_millis()
+                ),
+                waited,
             );
-            sleep(wait).await;
         }
         let abandon = if Instant::now() >= won.act_before {
             Some(format!(

@@ -28,7 +28,9 @@ pub const ROUND_TICKS: u64 = 10;
 pub const DOWN_AFTER: Millis = 3000;
 /// How long a promotion may take before its outcome is checked.
 const PROMOTE_TIMEOUT: Millis = 2000;
-/// Tries before a promotion verified not to have happened is given up.
+/// How often the same vote is asked again while old leases run out.
+const REASK_EVERY: Millis = 250;
+/// Tries before a promotion whose answer never came is published.
 const PROMOTE_ATTEMPTS: u32 = 5;
 
 #[derive(Debug, Clone)]
@@ -144,6 +146,10 @@ enum Phase {
         node: usize,
         until: Millis,
         act_before: Millis,
+        /// The same vote asked again (as the real coordinator does) to
+        /// shorten the wait: when, and the answers so far.
+        reask_at: Millis,
+        replies: Vec<Result<VoteResponse, String>>,
     },
     Checking {
         term: u64,
@@ -613,7 +619,25 @@ impl Member {
                 term,
                 node,
                 until,
+                reask_at,
+                ..
+            } if local < until && local >= reask_at => {
+                let request = self.request_for(term, node);
+                ctx.send_to_others(self.id, &Msg::VoteReq(Box::new(request)));
+                if let Phase::Waiting {
+                    reask_at, replies, ..
+                } = &mut self.phase
+                {
+                    *reask_at = local + REASK_EVERY;
+                    replies.clear();
+                }
+            }
+            Phase::Waiting {
+                term,
+                node,
+                until,
                 act_before,
+                ..
             } if local >= until => {
                 self.round += 1;
                 ctx.send_to_others(self.id, &Msg::StateReq(self.round));
@@ -758,7 +782,63 @@ impl Member {
         };
     }
 
+    fn request_for(&self, term: u64, node: usize) -> VoteRequest {
+        VoteRequest {
+            term,
+            candidate: self.name.clone(),
+            old_primary: self.voter.record().primary.clone(),
+            new_primary: self.specs[node].name.clone(),
+            reason: ElectionReason::Failover,
+        }
+    }
+
+    /// An answer to a vote asked again while waiting: with a majority
+    /// (this member's own same vote included), the wait shrinks to what
+    /// the fresh answers report, counted from now.
+    fn on_reasked_vote(&mut self, reply: VoteResponse, ctx: &mut Ctx) {
+        let Phase::Waiting {
+            term,
+            node,
+            replies,
+            ..
+        } = &mut self.phase
+        else {
+            return;
+        };
+        replies.push(Ok(reply));
+        if tally(&self.name, replies.iter()).granted + 1 < majority(ctx.members) {
+            return;
+        }
+        let (term, node) = (*term, *node);
+        let request = self.request_for(term, node);
+        let view = self.view(ctx.local);
+        let mut mine = self.voter.vote(
+            &request,
+            &view,
+            ctx.now(),
+            &mut Self::persist(&mut self.disk),
+        );
+        self.revoke_on_grant(&mut mine, ctx.local);
+        let Phase::Waiting { replies, until, .. } = &mut self.phase else {
+            return;
+        };
+        replies.push(Ok(mine));
+        let counted = tally(&self.name, replies.iter());
+        if counted.granted >= majority(ctx.members) {
+            let margin = if counted.leases_seen {
+                ms(ctx.timing.promotion_margin())
+            } else {
+                0
+            };
+            *until = (*until).min(ctx.local + counted.lease_wait + margin);
+        }
+        replies.clear();
+    }
+
     fn on_vote(&mut self, reply: VoteResponse, ctx: &mut Ctx) {
+        if matches!(self.phase, Phase::Waiting { .. }) {
+            return self.on_reasked_vote(reply, ctx);
+        }
         let Phase::Voting {
             term,
             node,
@@ -841,6 +921,8 @@ impl Member {
                 node,
                 until: ctx.local + wait,
                 act_before,
+                reask_at: ctx.local + REASK_EVERY,
+                replies: Vec::new(),
             };
         } else {
             self.give_up(term, ctx);
