@@ -61,11 +61,18 @@ pub fn router(state: Arc<AdminState>) -> Router {
             Arc::clone(&state),
             require_token,
         ));
+    // Patroni's health endpoints answer GET, HEAD and OPTIONS alike:
+    // HAProxy's Patroni template checks with `OPTIONS /primary`.
     Router::new()
         .route("/metrics", get(metrics))
-        .route("/health", get(health))
-        .route("/primary", get(primary))
-        .route("/replica", get(replica))
+        .route("/health", get(health).options(health))
+        .route("/liveness", get(health).options(health))
+        .route("/primary", get(primary).options(primary))
+        .route("/read-write", get(primary).options(primary))
+        .route("/read-only", get(primary).options(primary))
+        .route("/readiness", get(primary).options(primary))
+        .route("/replica", get(replica).options(replica))
+        .route("/standby", get(replica).options(replica))
         .route("/cluster", get(cluster))
         .route("/events", get(events))
         .route("/v1/state", get(voter_state))

@@ -161,6 +161,15 @@ impl NodeConfig {
             .cloned()
             .ok_or_else(|| invalid(format!("node {name:?} is missing from --node")))?;
         let member = member_config(o.member, &env, &name, Some("0.0.0.0:8008"))?;
+        if member.voters.len() > 1 && monitor.nodes.len() < 2 {
+            // It would bootstrap fine, then fail to rejoin onto whichever
+            // node the cluster promotes (it must know where that is).
+            return Err(invalid(format!(
+                "--node lists only {name}: in a cluster (other voters), list every PostgreSQL \
+                 node with --node NAME=HOST:PORT, this one included, so the agent can rejoin \
+                 whichever becomes primary"
+            )));
+        }
         let state_dir = member.state_dir.clone().ok_or_else(|| {
             invalid("--state-dir is required: the agent keeps its vote record and the server's socket there")
         })?;
@@ -319,6 +328,25 @@ mod tests {
             replication_password: Some("r".into()),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn an_agent_in_a_cluster_needs_every_node_listed() {
+        let mut o = options();
+        o.member.name = Some("n1".into());
+        o.member.state_dir = Some("/tmp/x".into());
+        o.member.voter = vec![
+            "p1=http://127.0.0.1:8008".into(),
+            "n1=http://127.0.0.1:8009".into(),
+        ];
+        let mut with_token = env();
+        with_token.cluster_token = Some("t".into());
+        let e = NodeConfig::resolve(o.clone(), with_token.clone(), secrets())
+            .expect_err("only itself listed")
+            .to_string();
+        assert!(e.contains("--node lists only n1"), "{e}");
+        o.monitor.node = vec!["n2=db2:5432".into()];
+        NodeConfig::resolve(o, with_token, secrets()).expect("n1 and n2 listed");
     }
 
     #[test]

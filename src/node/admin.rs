@@ -36,9 +36,15 @@ pub fn routes(handle: NodeHandle, state: Arc<AdminState>) -> Router {
     let protected = Router::new().route("/v1/demote", post(demote)).route_layer(
         middleware::from_fn_with_state(Arc::clone(&state), admin::require_token),
     );
+    // Patroni's names and methods (HAProxy's template checks with
+    // `OPTIONS /primary`): GET, HEAD and OPTIONS answer alike.
     Router::new()
-        .route("/primary", get(primary))
-        .route("/replica", get(replica))
+        .route("/primary", get(primary).options(primary))
+        .route("/read-write", get(primary).options(primary))
+        .route("/replica", get(replica).options(replica))
+        .route("/standby", get(replica).options(replica))
+        .route("/read-only", get(serves_reads).options(serves_reads))
+        .route("/readiness", get(serves_reads).options(serves_reads))
         .merge(protected)
         .with_state(Arc::new(handle))
         .fallback_service(admin::router(state))
@@ -80,6 +86,16 @@ async fn replica(State(node): Shared) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, Json(body)).into_response()
+}
+
+/// 200 while the server takes queries as the term's primary or as a
+/// streaming standby (Patroni's `/read-only` and `/readiness`).
+async fn serves_reads(State(node): Shared) -> Response {
+    let primary = primary(State(Arc::clone(&node))).await;
+    if primary.status() == StatusCode::OK {
+        return primary;
+    }
+    replica(State(node)).await
 }
 
 /// Fast clean shutdown, then a standby of the given primary; answers

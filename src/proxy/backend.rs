@@ -180,14 +180,17 @@ impl BackendConn {
         }
     }
 
+    /// Writes and flushes (TLS buffers records until flushed; for plain
+    /// TCP a flush is free).
     async fn write(&mut self, bytes: &[u8]) -> Result<(), SessionError> {
-        self.stream
-            .write_all(bytes)
-            .await
-            .map_err(|source| SessionError::BackendIo {
-                node: self.node.name.clone(),
-                source,
-            })
+        let written = match self.stream.write_all(bytes).await {
+            Ok(()) => self.stream.flush().await,
+            Err(e) => Err(e),
+        };
+        written.map_err(|source| SessionError::BackendIo {
+            node: self.node.name.clone(),
+            source,
+        })
     }
 }
 

@@ -4,6 +4,8 @@
 //! proxy knows the transaction status, whether the client said goodbye,
 //! and when it may inject an ErrorResponse of its own.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -149,18 +151,21 @@ where
         downstream,
         counters,
     } = state;
+    // Set once the client's Terminate went to the node: the node's close
+    // that follows is the end of a normal goodbye, not a lost backend.
+    let said_goodbye = AtomicBool::new(false);
     let upstream = client_to_backend(
         client.0,
         backend.1,
         client_pending,
-        (status, gate, lease),
+        (status, gate, lease, &said_goodbye),
         counters.to_server,
     );
     let down = backend_to_client(
         backend.0,
         client.1,
         backend_pending,
-        status,
+        (status, &said_goodbye),
         downstream,
         counters.to_client,
     );
@@ -175,7 +180,7 @@ async fn client_to_backend(
     client: &mut (impl AsyncRead + Unpin),
     backend: &mut (impl AsyncWrite + Unpin),
     pending: BytesMut,
-    (status, gate, lease): (&SessionStatus, &Sessions, &LeaseGate),
+    (status, gate, lease, said_goodbye): (&SessionStatus, &Sessions, &LeaseGate, &AtomicBool),
     counter: &IntCounter,
 ) -> RelayEnd {
     let mut tracker = BoundaryTracker::counting(REQUEST_TAGS);
@@ -199,8 +204,17 @@ async fn client_to_backend(
             tracking = tracking && tracker.feed(next).is_ok();
             status.set_requests(tracker.counted());
             counter.inc_by(next.len() as u64);
-            if let Err(error) = backend.write_all(next).await {
+            // Flushed: over TLS the tail of a burst (CopyDone, Sync) would
+            // otherwise wait in the record buffer for the next write.
+            let sent = match backend.write_all(next).await {
+                Ok(()) => backend.flush().await,
+                Err(e) => Err(e),
+            };
+            if let Err(error) = sent {
                 return RelayEnd::BackendLost(Some(error));
+            }
+            if tracking && tracker.at_boundary() && tracker.last_tag() == Some(TERMINATE) {
+                said_goodbye.store(true, Ordering::Relaxed);
             }
         }
         let n = match client.read(&mut buf).await {
@@ -223,7 +237,7 @@ async fn backend_to_client(
     backend: &mut (impl AsyncRead + Unpin),
     client: &mut (impl AsyncWrite + Unpin),
     pending: BytesMut,
-    status: &SessionStatus,
+    (status, said_goodbye): (&SessionStatus, &AtomicBool),
     state: &mut Downstream,
     counter: &IntCounter,
 ) -> RelayEnd {
@@ -249,6 +263,7 @@ async fn backend_to_client(
         }
         let n = match backend.read(&mut buf).await {
             Ok(n) if n > 0 => n,
+            _ if said_goodbye.load(Ordering::Relaxed) => return RelayEnd::ClientTerminated,
             Ok(_) => return RelayEnd::BackendLost(None),
             Err(error) => return RelayEnd::BackendLost(Some(error)),
         };

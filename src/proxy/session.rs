@@ -231,7 +231,7 @@ async fn relay_session(
             if let Some(registration) = &ready.cancel {
                 send_cancel(registration.target(), proxy.limits().connect_timeout).await;
             }
-            let _ = backend.write_all(&TERMINATE).await;
+            say_goodbye(&mut backend).await;
             None
         }
         RelayEnd::BackendLost(error) => {
@@ -251,7 +251,7 @@ async fn relay_session(
         RelayEnd::Evicted(reason) => {
             info!(%last_status, %reason, "closing session: its route is gone");
             proxy.metrics.sessions_closed_by_failover.inc();
-            let _ = backend.write_all(&TERMINATE).await;
+            say_goodbye(&mut backend).await;
             Some((sqlstate::ADMIN_SHUTDOWN, reason))
         }
     };
@@ -275,6 +275,15 @@ fn lease_ran_out(
     proxy.metrics.sessions_closed_by_failover.inc();
     backend.reset();
     Some((sqlstate::ADMIN_SHUTDOWN, reason))
+}
+
+/// Sends the node a Terminate (flushed: over TLS it would otherwise sit
+/// in the record buffer), so its backend ends now rather than at its
+/// next read.
+async fn say_goodbye(backend: &mut super::tls::PgStream) {
+    if backend.write_all(&TERMINATE).await.is_ok() {
+        let _ = backend.flush().await;
+    }
 }
 
 /// Sends the client the error it is owed, if any, and logs why.

@@ -23,6 +23,7 @@ mod compose;
 mod copy;
 mod demo;
 mod disconnect;
+mod drivers;
 mod failover;
 mod failover_data;
 mod failover_safety;
