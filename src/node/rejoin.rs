@@ -181,13 +181,24 @@ impl Agent {
         Ok(describe_rewind(&out, local_end))
     }
 
-    /// Wipes the data directory and clones `primary` again, recording why.
+    /// Sets the data directory aside (or, when it cannot move, wipes it)
+    /// and clones `primary` again, recording why and where the old one is.
     async fn reclone(&mut self, primary: &NodeSpec, term: u64, reason: &str) -> Result<(), String> {
         let started = Instant::now();
         self.mark_bootstrap(true)?;
-        self.server
-            .wipe()
-            .map_err(|e| format!("cannot wipe the data directory: {e}"))?;
+        let kept = self
+            .server
+            .set_aside()
+            .map_err(|e| format!("cannot set the data directory aside: {e}"))?;
+        let old_data = match kept {
+            Some(path) => format!("kept the old data directory at {}", path.display()),
+            None => {
+                self.server
+                    .wipe()
+                    .map_err(|e| format!("cannot wipe the data directory: {e}"))?;
+                "wiped the data directory (a mount point of its own cannot be moved aside)".into()
+            }
+        };
         self.clone_from(primary).await?;
         self.mark_bootstrap(false)?;
         self.events.record_timed(
@@ -195,7 +206,7 @@ impl Agent {
             "reclone",
             Some(self.name()),
             format!(
-                "rewind failed: {reason}; wiped the data directory and cloned it again from {}",
+                "rewind failed: {reason}; {old_data} and cloned it again from {}",
                 primary.name
             ),
             started.elapsed(),

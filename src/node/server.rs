@@ -133,6 +133,28 @@ impl Server {
 
     /// Removes everything inside the data directory (which may be a mount
     /// point, so it stays).
+    /// Moves the data directory aside, to `<data>.rewind-failed` beside
+    /// it (replacing one set aside earlier), and starts an empty one, so
+    /// an operator can still read what pg_rewind could not bring over
+    /// (as Patroni keeps it by default). `None` when the directory cannot
+    /// move (it is a mount point of its own, as a Docker volume is): the
+    /// caller wipes it instead.
+    pub fn set_aside(&self) -> io::Result<Option<std::path::PathBuf>> {
+        let data = self.data();
+        let Some(name) = data.file_name() else {
+            return Ok(None);
+        };
+        let aside = data.with_file_name(format!("{}.rewind-failed", name.to_string_lossy()));
+        if aside.exists() {
+            std::fs::remove_dir_all(&aside)?;
+        }
+        if std::fs::rename(data, &aside).is_err() {
+            return Ok(None);
+        }
+        self.prepare_dirs()?;
+        Ok(Some(aside))
+    }
+
     pub fn wipe(&self) -> io::Result<()> {
         for entry in std::fs::read_dir(self.data())? {
             let path = entry?.path();

@@ -220,6 +220,17 @@ async fn a_primary_that_cannot_rewind_is_cloned_again_and_rejoins() {
         detail.contains("rewind failed") && detail.contains("cloned it again from n2"),
         "{detail}"
     );
+    // What pg_rewind could not bring over is kept for the operator.
+    let data = c.n1.data_dir();
+    let aside = data.with_file_name(format!(
+        "{}.rewind-failed",
+        data.file_name().unwrap().to_string_lossy()
+    ));
+    assert!(
+        detail.contains("kept the old data directory") && aside.join("PG_VERSION").exists(),
+        "{detail}; {} holds no data directory",
+        aside.display()
+    );
     let rejoin = c.n1.wait_event("rejoin");
     assert!(
         rejoin["detail"]
