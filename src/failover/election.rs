@@ -15,7 +15,7 @@ use crate::consensus::messages::{ElectionReason, PublishRequest, VoteRequest};
 use crate::topology::{NodeHealth, Topology};
 
 /// Time kept in hand for the promotion itself before a won vote lapses.
-const PROMOTE_MARGIN: Duration = Duration::from_secs(15);
+const PROMOTE_MARGIN: Duration = Duration::from_secs(10);
 
 /// A won election.
 pub struct Won {
@@ -216,10 +216,9 @@ impl Coordinator {
     /// bound every lease from that moment, as the first ones did, so the
     /// wait only ever shrinks, typically once a proxy that refused for a
     /// lagging view grants and revokes its own lease.
-    pub(super) async fn wait_out_leases(&self, won: &Won) -> Duration {
+    pub(super) async fn wait_out_leases(&self, won: &mut Won) -> Duration {
         let started = Instant::now();
         let mut until = started + won.lease_wait;
-        let needed = majority(self.peers.count());
         loop {
             let now = Instant::now();
             if now >= until {
@@ -229,15 +228,39 @@ impl Coordinator {
             if Instant::now() >= until {
                 return started.elapsed();
             }
-            let replies = self.peers.request_votes(&won.request).await;
-            // Counted from after every answer: each voter measured what it
-            // reports at or before this instant.
-            let answered = Instant::now();
-            let counted = tally(&won.request.candidate, &replies);
-            if counted.granted >= needed {
-                until = until.min(answered + self.lease_wait_of(&counted));
+            if let Ok(wait) = self.confirm(won).await {
+                until = until.min(Instant::now() + wait);
             }
         }
+    }
+
+    /// Asks the voters again for the very vote `won` got. A majority
+    /// granting it now holds every other candidate and every old-term
+    /// lease back for a whole hold window from now (the hold is renewed,
+    /// so `act_before` moves on); what leases of the old term they still
+    /// report must be waited out from now (returned). Without a majority
+    /// (another candidate's newer term, a lapsed hold that let the old
+    /// primary back) the decision of this term must not be acted on.
+    pub(super) async fn confirm(&self, won: &mut Won) -> Result<Duration, String> {
+        let asked = Instant::now();
+        let replies = self.peers.request_votes(&won.request).await;
+        let counted = tally(&won.request.candidate, &replies);
+        let needed = majority(self.peers.count());
+        if counted.granted < needed {
+            return Err(format!(
+                "{} of {} voters still grant term {}, {needed} needed: {}",
+                counted.granted,
+                self.peers.count(),
+                won.request.term,
+                counted.refusals.join("; ")
+            ));
+        }
+        won.act_before = won
+            .act_before
+            .max(asked + self.peers.me().failover_window() - PROMOTE_MARGIN);
+        // Counted from after every answer: each voter measured what it
+        // reports at or before this instant.
+        Ok(self.lease_wait_of(&counted))
     }
 
     /// Pauses after a lost election. Voters that refused only because they

@@ -89,10 +89,10 @@ impl Coordinator {
         // The next free term (a crashed winner may hold term + 1), and the
         // same waits as a promotion: old leases out, no newer term.
         let next = self.next_term(term);
-        let won = self
+        let mut won = self
             .elect(next, ElectionReason::Adopt, Some(old), &new_name)
             .await?;
-        if let Err(e) = self.clear_to_act(next, &new_name, &won).await {
+        if let Err(e) = self.clear_to_act(next, &new_name, &mut won).await {
             self.peers.release_votes(next).await;
             self.skip_term(next);
             return Err(e);
@@ -132,13 +132,13 @@ impl Coordinator {
                 topology.nodes[old].health
             ),
         );
-        let won = self
+        let mut won = self
             .elect(next, ElectionReason::Failover, Some(&old_name), &new_name)
             .await?;
         self.set_blocked(Some(format!(
             "failover from {old_name} to {new_name} in progress"
         )));
-        let result = self.promote_chosen(topology, &chosen, next, &won).await;
+        let result = self.promote_chosen(topology, &chosen, next, &mut won).await;
         if result.is_err() {
             // Give up the term: our own vote must hold nobody up, and the
             // next attempt runs under a newer term.
@@ -147,7 +147,8 @@ impl Coordinator {
         }
         self.set_blocked(None);
         result?;
-        self.publish_term(next, &new_name).await;
+        self.publish_after_promotion(next, &new_name, &mut won)
+            .await?;
         self.report_failover(&old_name, &new_name, next, &chosen, started);
         self.repoint_standbys(topology, old, chosen.index, next)
             .await;
@@ -159,7 +160,7 @@ impl Coordinator {
         topology: &Topology,
         chosen: &Candidate,
         term: u64,
-        won: &super::election::Won,
+        won: &mut Won,
     ) -> Result<(), String> {
         let node = &topology.nodes[chosen.index].spec;
         let sql = NodeSql {
@@ -199,7 +200,7 @@ impl Coordinator {
     /// the old term (the longest a granting voter reported, plus the
     /// margin `Timing` derives for drift and late timers, see `tally`),
     /// then check the votes still hold and no newer term exists.
-    async fn clear_to_act(&self, term: u64, node: &str, won: &Won) -> Result<(), String> {
+    async fn clear_to_act(&self, term: u64, node: &str, won: &mut Won) -> Result<(), String> {
         if !won.lease_wait.is_zero() {
             let waited = self.wait_out_leases(won).await;
             self.events.record_timed(
@@ -213,7 +214,18 @@ impl Coordinator {
                 waited,
             );
         }
-        let abandon = if Instant::now() >= won.act_before {
+        // The barrier: the votes still hold right now (renewed for a
+        // whole hold window), and whatever old lease they report (one
+        // renewed while a slow replay let the hold lapse) runs out first.
+        let barrier = self.confirm(won).await;
+        if let Ok(wait) = &barrier
+            && !wait.is_zero()
+        {
+            sleep(*wait).await;
+        }
+        let abandon = if let Err(lost) = barrier {
+            Some(format!("the votes for term {term} no longer hold: {lost}"))
+        } else if Instant::now() >= won.act_before {
             Some(format!(
                 "the votes for term {term} lapsed before {node} could be promoted"
             ))
@@ -230,6 +242,37 @@ impl Coordinator {
             return Err(detail);
         }
         Ok(())
+    }
+
+    /// Publishes a term whose pg_promote was sent, once the votes are
+    /// confirmed again (a promotion slower than the hold window may have
+    /// let old-term leases renew; they are waited out first). Without a
+    /// majority the term is not published, and not given back either: the
+    /// promoted node takes no writes until a newer term adopts it.
+    async fn publish_after_promotion(
+        &self,
+        term: u64,
+        node: &str,
+        won: &mut Won,
+    ) -> Result<(), String> {
+        match self.confirm(won).await {
+            Ok(wait) => {
+                if !wait.is_zero() {
+                    sleep(wait).await;
+                }
+                self.publish_term(term, node).await;
+                Ok(())
+            }
+            Err(lost) => {
+                let detail = format!(
+                    "{node} was promoted for term {term}, but the votes no longer hold ({lost}): \
+                     not published; a newer term adopts it"
+                );
+                self.events
+                    .record(term, "publish_withheld", Some(node), detail.clone());
+                Err(detail)
+            }
+        }
     }
 
     /// Sends pg_promote, the point of no return: an error before it was

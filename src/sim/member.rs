@@ -778,7 +778,7 @@ impl Member {
             node,
             deadline: ctx.local + ms(PEER_TIMEOUT),
             replies: Vec::new(),
-            act_before: ctx.local + hold - 15_000,
+            act_before: ctx.local + hold - 10_000,
         };
     }
 

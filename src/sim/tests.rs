@@ -77,6 +77,34 @@ fn schedules_with_plain_servers_keep_one_writer() {
     explore(false, schedules(2500), 1_000_000);
 }
 
+/// `PGFAILOVER_SIM_TRACE=SEED[,agents]` prints that seed's whole trace
+/// (a stall or a violation to study); without it this checks that a
+/// seed's trace is the same twice.
+#[test]
+fn a_seeds_trace_replays_exactly() {
+    let (seed, agents) = std::env::var("PGFAILOVER_SIM_TRACE")
+        .ok()
+        .and_then(|v| {
+            let (seed, rest) = v.split_once(',').unwrap_or((&v, ""));
+            Some((seed.parse().ok()?, rest == "agents"))
+        })
+        .unwrap_or((11, true));
+    let trace = |seed| {
+        let mut sim = super::Sim::new(config(seed, agents, Flaws::default()));
+        let outcome = sim.run();
+        (format!("{outcome:?}"), sim.trace())
+    };
+    let (outcome, first) = trace(seed);
+    assert_eq!(
+        (outcome.clone(), first.clone()),
+        trace(seed),
+        "seed {seed} replays differently"
+    );
+    if std::env::var_os("PGFAILOVER_SIM_TRACE").is_some() {
+        eprintln!("seed {seed}: {outcome}\n{first}");
+    }
+}
+
 #[test]
 fn a_replayed_seed_gives_the_same_run() {
     let a = run_seed(config(7, true, Flaws::default())).expect("seed 7");
