@@ -3,7 +3,7 @@
 //! agent's watchdog, the coordinator's elections and the simulation all
 //! decide through these.
 
-use super::messages::VoteResponse;
+use super::messages::{LeaseResponse, VoteResponse};
 use super::state::Millis;
 
 /// A routing (or writing) lease as its holder counts it: from when the
@@ -83,6 +83,20 @@ impl LeaseHolder {
         self.valid_until = None;
         self.revoked_at = Some(now);
     }
+}
+
+/// The durations a round of lease replies granted, one per voter (a
+/// voter answering twice counts once).
+pub fn granted_durations<'a>(
+    replies: impl IntoIterator<Item = &'a Result<LeaseResponse, String>>,
+) -> Vec<Millis> {
+    let mut voters = std::collections::BTreeSet::new();
+    replies
+        .into_iter()
+        .flatten()
+        .filter(|r| r.granted && voters.insert(r.voter.as_str()))
+        .map(|r| r.duration_ms)
+        .collect()
 }
 
 /// An election's replies, counted.

@@ -91,8 +91,16 @@ impl VoterState {
         persist: Persist<'_>,
     ) -> VoteResponse {
         let mut sees_primary = false;
+        // The same vote asked again (the winner renewing its hold, or
+        // confirming it before acting) is not judged on visibility again:
+        // that was decided when it was first granted, and the old primary
+        // may by now be the very node being promoted.
+        let again = self.record.voted_term == request.term
+            && self.record.voted_for.as_deref() == Some(request.candidate.as_str());
         let verdict = judge_vote(&self.record, request, view, now).and_then(|()| {
-            judge_visibility(request, view).inspect_err(|_| sees_primary = true)?;
+            if !again {
+                judge_visibility(request, view).inspect_err(|_| sees_primary = true)?;
+            }
             let mut next = self.record.clone();
             next.voted_term = request.term;
             next.voted_for = Some(request.candidate.clone());
@@ -373,6 +381,33 @@ mod tests {
             primary: Some("n1".into()),
             ..VoterRecord::default()
         }
+    }
+
+    /// The winner asks again for the vote it got, to renew its hold and
+    /// confirm it before acting: granted even though the old primary is
+    /// seen up by now (it may be the demoted primary just promoted again).
+    #[test]
+    fn the_same_vote_asked_again_is_not_judged_on_visibility_again() {
+        let timing = Timing::new(Duration::from_secs(4));
+        let mut w = VoterState::start("w1".into(), timing, record(), at(0));
+        let vote = VoteRequest {
+            term: 2,
+            candidate: "p1".into(),
+            old_primary: Some("n1".into()),
+            new_primary: "n1".into(),
+            reason: ElectionReason::Failover,
+        };
+        let mut down = view();
+        down[0].health = NodeHealth::Standby;
+        assert!(w.vote(&vote, &down, at(1_000), &mut |_| Ok(())).granted);
+        let mut up = view();
+        up[0].health = NodeHealth::Primary;
+        let again = w.vote(&vote, &up, at(2_000), &mut |_| Ok(()));
+        assert!(again.granted, "{}", again.reason);
+        let mut other = vote.clone();
+        other.candidate = "p2".into();
+        other.term = 3;
+        assert!(!w.vote(&other, &up, at(2_100), &mut |_| Ok(())).granted);
     }
 
     /// A voter that never granted a lease (a lone proxy's, a witness of

@@ -13,7 +13,7 @@ use tokio::sync::Notify;
 use tokio::time::{Instant, sleep};
 use tokio_util::sync::CancellationToken;
 
-use crate::consensus::holder::{LeaseHolder, Renewal};
+use crate::consensus::holder::{LeaseHolder, Renewal, granted_durations};
 use crate::consensus::messages::{LeaseRequest, MemberKind};
 use crate::consensus::voter::mono_ms;
 use crate::consensus::{Peers, majority};
@@ -144,13 +144,7 @@ impl LeaseKeeper {
         };
         let sent = mono_ms();
         let replies = peers.renew_leases(&request).await;
-        let mut voters = std::collections::BTreeSet::new();
-        let granted: Vec<u64> = replies
-            .iter()
-            .flatten()
-            .filter(|r| r.granted && voters.insert(r.voter.clone()))
-            .map(|r| r.duration_ms)
-            .collect();
+        let granted = granted_durations(&replies);
         let needed = majority(peers.count());
         if granted.len() < needed {
             if self.is_valid() {

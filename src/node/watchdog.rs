@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::term::TermView;
-use crate::consensus::holder::LeaseHolder;
+use crate::consensus::holder::{LeaseHolder, granted_durations};
 use crate::consensus::messages::LeaseRequest;
 use crate::consensus::state::{Millis, ms};
 use crate::consensus::voter::mono_ms;
@@ -58,13 +58,7 @@ impl Watchdog {
         };
         let sent = mono_ms();
         let replies = peers.renew_leases(&request).await;
-        let mut voters = std::collections::BTreeSet::new();
-        let granted: Vec<Millis> = replies
-            .iter()
-            .flatten()
-            .filter(|r| r.granted && voters.insert(r.voter.clone()))
-            .map(|r| r.duration_ms)
-            .collect();
+        let granted = granted_durations(&replies);
         self.holder
             .on_round(sent, &granted, majority(peers.count()), mono_ms());
     }

@@ -11,7 +11,7 @@ use super::Flaws;
 use super::node::Report;
 use super::world::Rng;
 use crate::config::NodeSpec;
-use crate::consensus::holder::{LeaseHolder, tally};
+use crate::consensus::holder::{LeaseHolder, granted_durations, tally};
 use crate::consensus::messages::{
     ElectionReason, LeaseRequest, LeaseResponse, PublishRequest, VoteRequest, VoteResponse,
 };
@@ -127,8 +127,9 @@ struct Probe {
 struct Renewal {
     id: u64,
     sent: Millis,
-    /// (voter, duration) of each grant; a duplicated answer counts once.
-    granted: Vec<(String, Millis)>,
+    /// Every answer, duplicates included (`granted_durations` counts a
+    /// voter once).
+    replies: Vec<Result<LeaseResponse, String>>,
 }
 
 #[derive(Debug, Clone)]
@@ -352,11 +353,8 @@ impl Member {
                 ctx.out.push((from, Msg::LeaseRep(Box::new(reply), id)));
             }
             Msg::LeaseRep(reply, id) => {
-                if let Some(r) = self.renewal.as_mut().filter(|r| r.id == id)
-                    && reply.granted
-                    && !r.granted.iter().any(|(v, _)| *v == reply.voter)
-                {
-                    r.granted.push((reply.voter.clone(), reply.duration_ms));
+                if let Some(r) = self.renewal.as_mut().filter(|r| r.id == id) {
+                    r.replies.push(Ok(*reply));
                 }
             }
             Msg::Publish(request) => {
@@ -469,7 +467,7 @@ impl Member {
         }
         if let Some(r) = self.renewal.take() {
             let needed = self.needed(ctx);
-            let granted: Vec<Millis> = r.granted.iter().map(|(_, d)| *d).collect();
+            let granted = granted_durations(&r.replies);
             self.holder.on_round(r.sent, &granted, needed, ctx.local);
         }
         self.round += 1;
@@ -490,15 +488,10 @@ impl Member {
             let mine = self
                 .voter
                 .lease(&request, ctx.now(), &mut Self::persist(&mut self.disk));
-            let granted = if mine.granted {
-                vec![(mine.voter.clone(), mine.duration_ms)]
-            } else {
-                Vec::new()
-            };
             self.renewal = Some(Renewal {
                 id,
                 sent: ctx.local,
-                granted,
+                replies: vec![Ok(mine)],
             });
             ctx.send_to_others(self.id, &Msg::LeaseReq(Box::new(request), id));
         }
@@ -792,6 +785,21 @@ impl Member {
         }
     }
 
+    /// This member's own vote, cast last (when it completes a majority),
+    /// as the real candidate does.
+    fn cast_own_vote(&mut self, term: u64, node: usize, ctx: &mut Ctx) -> VoteResponse {
+        let request = self.request_for(term, node);
+        let view = self.view(ctx.local);
+        let mut mine = self.voter.vote(
+            &request,
+            &view,
+            ctx.now(),
+            &mut Self::persist(&mut self.disk),
+        );
+        self.revoke_on_grant(&mut mine, ctx.local);
+        mine
+    }
+
     /// An answer to a vote asked again while waiting: with a majority
     /// (this member's own same vote included), the wait shrinks to what
     /// the fresh answers report, counted from now.
@@ -810,15 +818,7 @@ impl Member {
             return;
         }
         let (term, node) = (*term, *node);
-        let request = self.request_for(term, node);
-        let view = self.view(ctx.local);
-        let mut mine = self.voter.vote(
-            &request,
-            &view,
-            ctx.now(),
-            &mut Self::persist(&mut self.disk),
-        );
-        self.revoke_on_grant(&mut mine, ctx.local);
+        let mine = self.cast_own_vote(term, node, ctx);
         let Phase::Waiting { replies, until, .. } = &mut self.phase else {
             return;
         };
@@ -855,21 +855,7 @@ impl Member {
         let granted = tally(&self.name, replies.iter()).granted;
         if granted + 1 >= majority(ctx.members) {
             let (term, node) = (*term, *node);
-            let request = VoteRequest {
-                term,
-                candidate: self.name.clone(),
-                old_primary: self.voter.record().primary.clone(),
-                new_primary: self.specs[node].name.clone(),
-                reason: ElectionReason::Failover,
-            };
-            let view = self.view(ctx.local);
-            let mut mine = self.voter.vote(
-                &request,
-                &view,
-                ctx.now(),
-                &mut Self::persist(&mut self.disk),
-            );
-            self.revoke_on_grant(&mut mine, ctx.local);
+            let mine = self.cast_own_vote(term, node, ctx);
             if let Phase::Voting { replies, .. } = &mut self.phase {
                 replies.push(Ok(mine));
             }
