@@ -18,6 +18,9 @@ pub struct ProxyProcess {
     child: Child,
     port: u16,
     dir: TempDir,
+    /// What it was started with, for `restart`.
+    nodes: Vec<(String, String)>,
+    extra_args: Vec<String>,
 }
 
 impl ProxyProcess {
@@ -40,7 +43,16 @@ impl ProxyProcess {
             let port = free_port();
             let mut child = spawn(&log_path, port, nodes, extra_args);
             if wait_listening(&mut child, port, &log_path) {
-                return Self { child, port, dir };
+                return Self {
+                    child,
+                    port,
+                    dir,
+                    nodes: nodes
+                        .iter()
+                        .map(|(n, a)| ((*n).to_owned(), a.clone()))
+                        .collect(),
+                    extra_args: extra_args.iter().map(|a| (*a).to_owned()).collect(),
+                };
             }
             let status = child.wait();
             let log = fs::read_to_string(&log_path).unwrap_or_default();
@@ -72,6 +84,31 @@ impl ProxyProcess {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// `kill -9` of the proxy (its vote record stays in its state dir).
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again with the same flags, port and state dir; its log
+    /// goes on in the same file.
+    pub fn restart(&mut self) {
+        self.kill9();
+        let log_path = self.dir.path().join("proxy.log");
+        let nodes: Vec<(&str, String)> = self
+            .nodes
+            .iter()
+            .map(|(n, a)| (n.as_str(), a.clone()))
+            .collect();
+        let extra: Vec<&str> = self.extra_args.iter().map(String::as_str).collect();
+        self.child = spawn(&log_path, self.port, &nodes, &extra);
+        assert!(
+            wait_listening(&mut self.child, self.port, &log_path),
+            "the restarted proxy did not listen again on {}",
+            self.port
+        );
     }
 
     pub fn log_path(&self) -> PathBuf {
@@ -113,7 +150,11 @@ fn wait_listening(child: &mut Child, port: u16, log_path: &Path) -> bool {
 }
 
 fn spawn(log_path: &Path, port: u16, nodes: &[(&str, String)], extra_args: &[&str]) -> Child {
-    let log = File::create(log_path).expect("create proxy.log");
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .expect("open proxy.log");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgfailover"));
     cmd.arg("proxy")
         .arg("--listen")
