@@ -1297,6 +1297,56 @@ async fn route_probe(dsn: &str, id: usize) -> Vec<(usize, String)> {
     seen
 }
 
+/// Two proxies and a witness voting over a primary/standby pair: p1 sees
+/// n1 directly, p2 and the witness through `to_n1`, whose cut makes them
+/// (the majority) lose it while p1 still reaches it. Started with term 1
+/// routed by both, p1 holding a lease, the writes table created, and a
+/// session open through p1 that wrote on n1 (returned).
+struct MinoritySplit {
+    // Dropped in this order: the members before the servers they watch.
+    proxy1: ProxyProcess,
+    proxy2: ProxyProcess,
+    witness: WitnessProcess,
+    to_n1: Forwarder,
+    cluster: PgCluster,
+    admins: (Admin, Admin, Admin),
+    t0: u64,
+}
+
+impl MinoritySplit {
+    async fn start() -> (Self, Client) {
+        let cluster = PgCluster::primary_with_standby();
+        let to_n1 = Forwarder::start(cluster.primary.port());
+        let majority_view = [("n1", to_n1.port()), ("n2", cluster.standby.port())];
+        let voters = VoterSet::new(&["p1", "p2", "w1"]);
+        let witness = WitnessProcess::start(&majority_view, &voters, "w1");
+        let proxy1 = start_proxy(&cluster.nodes(), &voters, "p1");
+        let proxy2 = start_proxy(&majority_view, &voters, "p2");
+        let (p1, p2, w1) = (
+            Admin::of(&voters, "p1"),
+            Admin::of(&voters, "p2"),
+            Admin::of(&voters, "w1"),
+        );
+        let t0 = wait_all_route(&[p1, p2], &[p1, p2, w1], "n1", 0);
+        wait_until("p1 holds a routing lease", DEADLINE, || {
+            p1.status()["lease_valid"] == true
+        });
+        create_writes_table(&dsn(&proxy2)).await;
+        let open = crate::util::connect(&dsn(&proxy1)).await;
+        assert_eq!(write_once(&open, "p1").await.expect("write on n1"), "n1");
+        let split = Self {
+            proxy1,
+            proxy2,
+            witness,
+            to_n1,
+            cluster,
+            admins: (p1, p2, w1),
+            t0,
+        };
+        (split, open)
+    }
+}
+
 /// The measured split brain (asynchronous mode): p1 keeps its view of the
 /// primary n1 while p2 and the witness lose it; p1 is frozen with a
 /// session open on n1 while the majority fails over to n2, which takes
@@ -1310,25 +1360,17 @@ async fn route_probe(dsn: &str, id: usize) -> Vec<(usize, String)> {
 /// timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_minority_proxy_wakes_up_without_writing_to_the_old_primary() {
-    let cluster = PgCluster::primary_with_standby();
-    let to_n1 = Forwarder::start(cluster.primary.port());
-    let majority_view = [("n1", to_n1.port()), ("n2", cluster.standby.port())];
-    let voters = VoterSet::new(&["p1", "p2", "w1"]);
-    let witness = WitnessProcess::start(&majority_view, &voters, "w1");
-    let proxy1 = start_proxy(&cluster.nodes(), &voters, "p1");
-    let proxy2 = start_proxy(&majority_view, &voters, "p2");
-    let (p1, p2, w1) = (
-        Admin::of(&voters, "p1"),
-        Admin::of(&voters, "p2"),
-        Admin::of(&voters, "w1"),
-    );
-    let t0 = wait_all_route(&[p1, p2], &[p1, p2, w1], "n1", 0);
-    wait_until("p1 holds a routing lease", DEADLINE, || {
-        p1.status()["lease_valid"] == true
-    });
-    create_writes_table(&dsn(&proxy2)).await;
-    let open = crate::util::connect(&dsn(&proxy1)).await;
-    assert_eq!(write_once(&open, "p1").await.expect("write on n1"), "n1");
+    let (split, open) = MinoritySplit::start().await;
+    let (p1, p2, w1) = split.admins;
+    let t0 = split.t0;
+    let MinoritySplit {
+        proxy1,
+        proxy2,
+        witness,
+        to_n1,
+        cluster,
+        ..
+    } = &split;
     let count_n1 = || {
         cluster
             .primary
@@ -1340,7 +1382,7 @@ async fn a_frozen_minority_proxy_wakes_up_without_writing_to_the_old_primary() {
     to_n1.cut();
     let term = wait_all_route(&[p2], &[p2, w1], "n2", t0);
     assert_eq!(
-        one_write(&dsn(&proxy2), "p2").await.expect("write on n2"),
+        one_write(&dsn(proxy2), "p2").await.expect("write on n2"),
         "n2"
     );
     assert_eq!(
@@ -1370,7 +1412,7 @@ async fn a_frozen_minority_proxy_wakes_up_without_writing_to_the_old_primary() {
         describe(&error)
     );
     assert_eq!(
-        one_write(&dsn(&proxy1), "p1").await.expect("p1 now on n2"),
+        one_write(&dsn(proxy1), "p1").await.expect("p1 now on n2"),
         "n2"
     );
 }
@@ -1392,26 +1434,18 @@ async fn a_frozen_minority_proxy_wakes_up_without_writing_to_the_old_primary() {
 /// checks the scenario end to end.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_witness_restarted_during_a_lease_still_makes_the_new_primary_wait() {
-    let cluster = PgCluster::primary_with_standby();
-    let to_n1 = Forwarder::start(cluster.primary.port());
-    let majority_view = [("n1", to_n1.port()), ("n2", cluster.standby.port())];
-    let voters = VoterSet::new(&["p1", "p2", "w1"]);
-    let mut witness = WitnessProcess::start(&majority_view, &voters, "w1");
-    let proxy1 = start_proxy(&cluster.nodes(), &voters, "p1");
-    let mut proxy2 = start_proxy(&majority_view, &voters, "p2");
-    let (p1, p2, w1) = (
-        Admin::of(&voters, "p1"),
-        Admin::of(&voters, "p2"),
-        Admin::of(&voters, "w1"),
-    );
-    let t0 = wait_all_route(&[p1, p2], &[p1, p2, w1], "n1", 0);
-    wait_until("p1 holds a routing lease", DEADLINE, || {
-        p1.status()["lease_valid"] == true
-    });
-    create_writes_table(&dsn(&proxy2)).await;
-    let open = crate::util::connect(&dsn(&proxy1)).await;
-    assert_eq!(write_once(&open, "p1").await.expect("write on n1"), "n1");
-    let writers = Writers::start(&[("p2", dsn(&proxy2))]);
+    let (mut split, open) = MinoritySplit::start().await;
+    let (_, p2, w1) = split.admins;
+    let t0 = split.t0;
+    let MinoritySplit {
+        proxy1,
+        proxy2,
+        witness,
+        to_n1,
+        cluster,
+        ..
+    } = &mut split;
+    let writers = Writers::start(&[("p2", dsn(proxy2))]);
     writers.wait_writes("p2", "n1", 5).await;
 
     // p1's lease now rests on p1 and the witness alone.
