@@ -152,6 +152,8 @@ enum Phase {
         reask_at: Millis,
         replies: Vec<Result<VoteResponse, String>>,
     },
+    /// The barrier before promoting: no newer term known, and the same
+    /// vote granted again by a majority (renewing the hold).
     Checking {
         term: u64,
         node: usize,
@@ -159,6 +161,15 @@ enum Phase {
         deadline: Millis,
         newer: bool,
         act_before: Millis,
+        replies: Vec<Result<VoteResponse, String>>,
+    },
+    /// The barrier before publishing a promoted node's term.
+    Publishing {
+        term: u64,
+        node: usize,
+        deadline: Millis,
+        replies: Vec<Result<VoteResponse, String>>,
+        publish_at: Option<Millis>,
     },
     Promoting {
         term: u64,
@@ -634,6 +645,8 @@ impl Member {
             } if local >= until => {
                 self.round += 1;
                 ctx.send_to_others(self.id, &Msg::StateReq(self.round));
+                let request = self.request_for(term, node);
+                ctx.send_to_others(self.id, &Msg::VoteReq(Box::new(request)));
                 let newer = self.voter.record().term > term;
                 self.phase = Phase::Checking {
                     term,
@@ -642,6 +655,7 @@ impl Member {
                     deadline: local + ms(PEER_TIMEOUT),
                     newer,
                     act_before,
+                    replies: Vec::new(),
                 };
             }
             Phase::Checking {
@@ -650,12 +664,29 @@ impl Member {
                 deadline,
                 newer,
                 act_before,
+                mut replies,
                 ..
             } if local >= deadline => {
-                if newer || local >= act_before {
+                let mine = self.cast_own_vote(term, node, ctx);
+                replies.push(Ok(mine));
+                let counted = tally(&self.name, replies.iter());
+                let wait = counted.lease_wait + self.margin_if(counted.leases_seen, ctx);
+                if newer || local >= act_before || counted.granted < majority(ctx.members) {
                     ctx.notes
                         .push(format!("{} abandons term {term}", self.name));
                     self.give_up(term, ctx);
+                } else if wait > 0 {
+                    // A lease renewed while the hold had lapsed: wait it
+                    // out too, the renewed hold keeps new ones away.
+                    let hold = ms(ctx.timing.hold_window());
+                    self.phase = Phase::Waiting {
+                        term,
+                        node,
+                        until: local + wait,
+                        act_before: local + hold - 10_000,
+                        reask_at: local + REASK_EVERY,
+                        replies: Vec::new(),
+                    };
                 } else {
                     ctx.notes.push(format!(
                         "{} promotes {} in term {term}",
@@ -683,7 +714,7 @@ impl Member {
                 // (a node found still in recovery is then replaced like a
                 // demoted primary).
                 if attempts >= PROMOTE_ATTEMPTS {
-                    self.publish(term, node, ctx);
+                    self.confirm_before_publishing(term, node, ctx);
                 } else {
                     let addr = ctx.node_addr(node);
                     ctx.out.push((addr, Msg::Promote(term)));
@@ -693,6 +724,90 @@ impl Member {
                         deadline: local + PROMOTE_TIMEOUT,
                         attempts: attempts + 1,
                     };
+                }
+            }
+            Phase::Publishing {
+                term,
+                node,
+                publish_at: Some(at),
+                ..
+            } if local >= at => self.publish(term, node, ctx),
+            Phase::Publishing {
+                term,
+                node,
+                deadline,
+                publish_at: None,
+                ..
+            } if local >= deadline => {
+                ctx.notes.push(format!(
+                    "{} withholds term {term}: its votes no longer hold ({} promoted, unpublished)",
+                    self.name, self.specs[node].name
+                ));
+                self.min_next_term = self.min_next_term.max(term + 1);
+                self.phase = Phase::Backoff {
+                    until: local + ctx.rng.range(100, 1000),
+                };
+            }
+            _ => {}
+        }
+    }
+
+    fn margin_if(&self, leases_seen: bool, ctx: &Ctx) -> Millis {
+        if leases_seen {
+            ms(ctx.timing.promotion_margin())
+        } else {
+            0
+        }
+    }
+
+    /// The barrier before publishing: the same vote asked again.
+    fn confirm_before_publishing(&mut self, term: u64, node: usize, ctx: &mut Ctx) {
+        let request = self.request_for(term, node);
+        ctx.send_to_others(self.id, &Msg::VoteReq(Box::new(request)));
+        self.phase = Phase::Publishing {
+            term,
+            node,
+            deadline: ctx.local + ms(PEER_TIMEOUT),
+            replies: Vec::new(),
+            publish_at: None,
+        };
+    }
+
+    /// An answer at one of the barriers: once a majority (own vote last)
+    /// grants, publish after what they report of old leases.
+    fn on_barrier_vote(&mut self, reply: VoteResponse, ctx: &mut Ctx) {
+        match &mut self.phase {
+            Phase::Checking { replies, .. } => replies.push(Ok(reply)),
+            Phase::Publishing {
+                term,
+                node,
+                replies,
+                publish_at: None,
+                ..
+            } => {
+                replies.push(Ok(reply));
+                if tally(&self.name, replies.iter()).granted + 1 < majority(ctx.members) {
+                    return;
+                }
+                let (term, node) = (*term, *node);
+                let mine = self.cast_own_vote(term, node, ctx);
+                let Phase::Publishing {
+                    replies,
+                    publish_at,
+                    ..
+                } = &mut self.phase
+                else {
+                    return;
+                };
+                replies.push(Ok(mine));
+                let counted = tally(&self.name, replies.iter());
+                if counted.granted >= majority(ctx.members) {
+                    let margin = if counted.leases_seen {
+                        ms(ctx.timing.promotion_margin())
+                    } else {
+                        0
+                    };
+                    *publish_at = Some(ctx.local + counted.lease_wait + margin);
                 }
             }
             _ => {}
@@ -836,8 +951,12 @@ impl Member {
     }
 
     fn on_vote(&mut self, reply: VoteResponse, ctx: &mut Ctx) {
-        if matches!(self.phase, Phase::Waiting { .. }) {
-            return self.on_reasked_vote(reply, ctx);
+        match self.phase {
+            Phase::Waiting { .. } => return self.on_reasked_vote(reply, ctx),
+            Phase::Checking { .. } | Phase::Publishing { .. } => {
+                return self.on_barrier_vote(reply, ctx);
+            }
+            _ => {}
         }
         let Phase::Voting {
             term,
@@ -941,7 +1060,7 @@ impl Member {
             lsn: self.probes[node].report.map_or(0, |r| r.lsn),
             read_only: false,
         });
-        self.publish(term, node, ctx);
+        self.confirm_before_publishing(term, node, ctx);
     }
 
     fn publish(&mut self, term: u64, node: usize, ctx: &mut Ctx) {
