@@ -773,45 +773,50 @@ impl Member {
         };
     }
 
-    /// An answer at one of the barriers: once a majority (own vote last)
-    /// grants, publish after what they report of old leases.
+    /// An answer at one of the barriers: before promoting it waits for
+    /// the deadline; before publishing, a majority (own vote last) sets
+    /// when to publish, after what they report of old leases.
     fn on_barrier_vote(&mut self, reply: VoteResponse, ctx: &mut Ctx) {
-        match &mut self.phase {
-            Phase::Checking { replies, .. } => replies.push(Ok(reply)),
-            Phase::Publishing {
+        if let Phase::Checking { replies, .. } = &mut self.phase {
+            return replies.push(Ok(reply));
+        }
+        if let Some(wait) = self.count_again(reply, ctx)
+            && let Phase::Publishing { publish_at, .. } = &mut self.phase
+        {
+            *publish_at = Some(ctx.local + wait);
+        }
+    }
+
+    /// Adds an answer to a vote asked again (while waiting, or before
+    /// publishing). Once the answers and this member's own same vote make
+    /// a majority, they are used up and the old-term leases they report
+    /// may run this long from now (margin included).
+    fn count_again(&mut self, reply: VoteResponse, ctx: &mut Ctx) -> Option<Millis> {
+        let (term, node, replies) = match &mut self.phase {
+            Phase::Waiting {
+                term,
+                node,
+                replies,
+                ..
+            }
+            | Phase::Publishing {
                 term,
                 node,
                 replies,
                 publish_at: None,
                 ..
-            } => {
-                replies.push(Ok(reply));
-                if tally(&self.name, replies.iter()).granted + 1 < majority(ctx.members) {
-                    return;
-                }
-                let (term, node) = (*term, *node);
-                let mine = self.cast_own_vote(term, node, ctx);
-                let Phase::Publishing {
-                    replies,
-                    publish_at,
-                    ..
-                } = &mut self.phase
-                else {
-                    return;
-                };
-                replies.push(Ok(mine));
-                let counted = tally(&self.name, replies.iter());
-                if counted.granted >= majority(ctx.members) {
-                    let margin = if counted.leases_seen {
-                        ms(ctx.timing.promotion_margin())
-                    } else {
-                        0
-                    };
-                    *publish_at = Some(ctx.local + counted.lease_wait + margin);
-                }
-            }
-            _ => {}
+            } => (*term, *node, replies),
+            _ => return None,
+        };
+        replies.push(Ok(reply));
+        if tally(&self.name, replies.iter()).granted + 1 < majority(ctx.members) {
+            return None;
         }
+        let mut answers = std::mem::take(replies);
+        answers.push(Ok(self.cast_own_vote(term, node, ctx)));
+        let counted = tally(&self.name, answers.iter());
+        (counted.granted >= majority(ctx.members))
+            .then(|| counted.lease_wait + self.margin_if(counted.leases_seen, ctx))
     }
 
     fn decide(&mut self, ctx: &mut Ctx) {
@@ -919,35 +924,11 @@ impl Member {
     /// (this member's own same vote included), the wait shrinks to what
     /// the fresh answers report, counted from now.
     fn on_reasked_vote(&mut self, reply: VoteResponse, ctx: &mut Ctx) {
-        let Phase::Waiting {
-            term,
-            node,
-            replies,
-            ..
-        } = &mut self.phase
-        else {
-            return;
-        };
-        replies.push(Ok(reply));
-        if tally(&self.name, replies.iter()).granted + 1 < majority(ctx.members) {
-            return;
+        if let Some(wait) = self.count_again(reply, ctx)
+            && let Phase::Waiting { until, .. } = &mut self.phase
+        {
+            *until = (*until).min(ctx.local + wait);
         }
-        let (term, node) = (*term, *node);
-        let mine = self.cast_own_vote(term, node, ctx);
-        let Phase::Waiting { replies, until, .. } = &mut self.phase else {
-            return;
-        };
-        replies.push(Ok(mine));
-        let counted = tally(&self.name, replies.iter());
-        if counted.granted >= majority(ctx.members) {
-            let margin = if counted.leases_seen {
-                ms(ctx.timing.promotion_margin())
-            } else {
-                0
-            };
-            *until = (*until).min(ctx.local + counted.lease_wait + margin);
-        }
-        replies.clear();
     }
 
     fn on_vote(&mut self, reply: VoteResponse, ctx: &mut Ctx) {
@@ -996,12 +977,7 @@ impl Member {
         let counted = tally(&self.name, replies.iter());
         self.min_next_term = self.min_next_term.max(counted.taken_term + 1);
         if counted.granted >= majority(ctx.members) {
-            let margin = if counted.leases_seen {
-                ms(ctx.timing.promotion_margin())
-            } else {
-                0
-            };
-            let wait = counted.lease_wait + margin;
+            let wait = counted.lease_wait + self.margin_if(counted.leases_seen, ctx);
             let leases: Vec<String> = replies
                 .iter()
                 .flatten()
