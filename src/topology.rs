@@ -326,17 +326,7 @@ mod tests {
     use super::*;
 
     fn store() -> TopologyStore {
-        let nodes: Vec<_> = ["n1", "n2"]
-            .iter()
-            .map(|name| {
-                Arc::new(NodeSpec {
-                    name: (*name).into(),
-                    host: "127.0.0.1".into(),
-                    port: 5432,
-                })
-            })
-            .collect();
-        TopologyStore::new(&nodes)
+        TopologyStore::new(&NodeSpec::named(&["n1", "n2"]))
     }
 
     #[test]

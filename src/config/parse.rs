@@ -20,6 +20,21 @@ pub struct NodeSpec {
 }
 
 impl NodeSpec {
+    /// Nodes for unit tests: one per name, all at 127.0.0.1:5432.
+    #[cfg(test)]
+    pub fn named(names: &[&str]) -> Vec<std::sync::Arc<Self>> {
+        names
+            .iter()
+            .map(|name| {
+                std::sync::Arc::new(Self {
+                    name: (*name).into(),
+                    host: "127.0.0.1".into(),
+                    port: 5432,
+                })
+            })
+            .collect()
+    }
+
     /// Parses `NAME=HOST:PORT` (`HOST` may be a DNS name or `[v6]`).
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
         let shape = || invalid(format!("--node {text:?}: expected NAME=HOST:PORT"));

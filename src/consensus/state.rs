@@ -429,20 +429,17 @@ mod tests {
         assert_eq!(reply.lease_remaining_ms, 0);
     }
 
+    /// n1 (the old primary) down, n2 a standby.
     fn view() -> Vec<NodeState> {
-        ["n1", "n2"]
-            .iter()
-            .map(|n| NodeState {
-                spec: std::sync::Arc::new(crate::config::NodeSpec {
-                    name: (*n).into(),
-                    host: "h".into(),
-                    port: 1,
-                }),
-                health: if *n == "n1" {
+        crate::config::NodeSpec::named(&["n1", "n2"])
+            .into_iter()
+            .map(|spec| NodeState {
+                health: if spec.name == "n1" {
                     NodeHealth::Down("refused".into())
                 } else {
                     NodeHealth::Standby
                 },
+                spec,
             })
             .collect()
     }

@@ -166,16 +166,7 @@ mod tests {
     use crate::topology::NodeHealth;
 
     fn voter() -> Voter {
-        let nodes: Vec<_> = ["n1", "n2"]
-            .iter()
-            .map(|n| {
-                Arc::new(NodeSpec {
-                    name: (*n).into(),
-                    host: "h".into(),
-                    port: 1,
-                })
-            })
-            .collect();
+        let nodes = NodeSpec::named(&["n1", "n2"]);
         Voter::open(
             "w1".into(),
             MemberKind::Witness,

@@ -401,8 +401,6 @@ impl QuickRetries {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
     use crate::config::NodeSpec;
     use crate::monitor::NodeStatus;
@@ -413,17 +411,7 @@ mod tests {
     /// down, and then fenced the newer one when it came back.
     #[test]
     fn bootstrap_refuses_an_old_primary_when_a_newer_timeline_is_seen() {
-        let specs: Vec<_> = ["n1", "n2"]
-            .iter()
-            .map(|n| {
-                Arc::new(NodeSpec {
-                    name: (*n).into(),
-                    host: "h".into(),
-                    port: 1,
-                })
-            })
-            .collect();
-        let store = TopologyStore::new(&specs);
+        let store = TopologyStore::new(&NodeSpec::named(&["n1", "n2"]));
         let status = |timeline| {
             Some(NodeStatus {
                 timeline: Some(timeline),
