@@ -405,6 +405,12 @@ impl Coordinator {
         term: u64,
     ) {
         let statuses = self.topology.statuses();
+        let timeline = |i: usize| {
+            statuses
+                .get(i)
+                .and_then(Option::as_ref)
+                .and_then(|s| s.timeline)
+        };
         let stale: Vec<usize> = (0..topology.nodes.len())
             .filter(|i| *i != primary && topology.nodes[*i].health == NodeHealth::Primary)
             .filter(|i| {
@@ -412,6 +418,15 @@ impl Coordinator {
                     .get(*i)
                     .and_then(Option::as_ref)
                     .is_some_and(|s| s.read_only)
+            })
+            // A node on a newer timeline than the term's primary was
+            // promoted after it (by an operator, or a winner that has not
+            // published yet): not a stale primary but one to adopt once the
+            // term's primary is seen down. Nothing routes to it meanwhile.
+            .filter(|i| {
+                timeline(*i)
+                    .zip(timeline(primary))
+                    .is_none_or(|(theirs, ours)| theirs <= ours)
             })
             .collect();
         if stale.is_empty() || !self.term_is_current(term).await {
