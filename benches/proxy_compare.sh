@@ -96,7 +96,7 @@ pgbench -h 127.0.0.1 -p "$PG_PORT" -U postgres -i -s "$SCALE" -q postgres >"$TMP
 # --- the three proxies -----------------------------------------------------
 log "starting pgfailover :$PGF_PORT, pgbouncer :$PGB_PORT, haproxy :$HAP_PORT"
 PGFAILOVER_LOG=warn PGFAILOVER_MONITOR_PASSWORD=unused "$PGFAILOVER" proxy \
-  --listen "127.0.0.1:$PGF_PORT" --node "n1=127.0.0.1:$PG_PORT" \
+  --listen "127.0.0.1:$PGF_PORT" --node "n1=127.0.0.1:$PG_PORT" --state-dir "$TMP/pgfailover-state" \
   --monitor-user postgres --monitor-interval 1s 2>"$TMP/pgfailover.log" &
 PGF_PID=$!; PIDS+=("$PGF_PID")
 

@@ -43,7 +43,7 @@ impl Member {
         let metrics = Arc::new(Metrics::new().context("cannot register metrics")?);
         let topology = Arc::new(TopologyStore::new(&monitor_config.nodes));
         let events = Arc::new(EventLog::with_metrics(Arc::clone(&metrics)));
-        let file = StateFile::in_dir(member.state_dir.as_deref());
+        let file = StateFile::in_dir(Some(&member.state_dir));
         let voter = Voter::open(
             member.name.clone(),
             kind,

@@ -107,7 +107,8 @@ pub struct MemberConfig {
     pub name: String,
     /// Every voter, this member included.
     pub voters: Vec<VoterSpec>,
-    pub state_dir: Option<PathBuf>,
+    /// Where the durable vote record lives (every member has one).
+    pub state_dir: PathBuf,
     pub admin_listen: Option<SocketAddr>,
     pub token: Option<Secret>,
     pub lease_duration: Duration,
@@ -354,12 +355,16 @@ fn member_config(
         CLUSTER_TOKEN_ENV,
         env.cluster_token.clone(),
     )?;
+    // Every member, a lone proxy included, keeps the term and its primary
+    // on disk: one that forgot them would bootstrap again after a restart
+    // and could pick (and then fence the true primary for) a stale node.
+    let state_dir = o.state_dir.ok_or_else(|| {
+        invalid(
+            "--state-dir is required: the term and its primary must survive a restart \
+             (a member that forgot them could route to a stale primary)",
+        )
+    })?;
     if voters.len() > 1 {
-        if o.state_dir.is_none() {
-            return Err(invalid(
-                "--state-dir is required with other voters: votes must survive a restart",
-            ));
-        }
         if token.is_none() {
             return Err(invalid(format!(
                 "voters authenticate with a shared token: set {CLUSTER_TOKEN_ENV} or --cluster-token-file"
@@ -374,7 +379,7 @@ fn member_config(
     Ok(MemberConfig {
         name,
         voters,
-        state_dir: o.state_dir,
+        state_dir,
         admin_listen: admin.map(|a| parse_addr("--admin-listen", a)).transpose()?,
         token,
         lease_duration,

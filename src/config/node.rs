@@ -170,9 +170,8 @@ impl NodeConfig {
                  whichever becomes primary"
             )));
         }
-        let state_dir = member.state_dir.clone().ok_or_else(|| {
-            invalid("--state-dir is required: the agent keeps its vote record and the server's socket there")
-        })?;
+        // Required of every member; the agent also keeps the server's socket there.
+        let state_dir = member.state_dir.clone();
         let data_dir = pg
             .data_dir
             .ok_or_else(|| invalid("--data-dir is required: the PostgreSQL data directory"))?;

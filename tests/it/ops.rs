@@ -151,11 +151,12 @@ async fn sighup_changes_the_log_level_while_a_session_stays_connected() {
     let port = free_port();
     let write_config = |level: &str| {
         let text = format!(
-            "listen = \"127.0.0.1:{port}\"\nadmin-listen = \"127.0.0.1:{}\"\nnode = [\"n1=127.0.0.1:{}\", \"n2=127.0.0.1:{}\"]\nmonitor-user = \"{}\"\nmonitor-interval = \"200ms\"\nlog-level = \"{level}\"\n",
+            "listen = \"127.0.0.1:{port}\"\nadmin-listen = \"127.0.0.1:{}\"\nnode = [\"n1=127.0.0.1:{}\", \"n2=127.0.0.1:{}\"]\nmonitor-user = \"{}\"\nmonitor-interval = \"200ms\"\nlog-level = \"{level}\"\nstate-dir = \"{}\"\n",
             free_port(),
             cluster.primary.port(),
             cluster.standby.port(),
-            MONITOR.name
+            MONITOR.name,
+            dir.path().join("state").display()
         );
         std::fs::write(&config, text).expect("write config");
     };

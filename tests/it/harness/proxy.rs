@@ -176,8 +176,8 @@ fn spawn(log_path: &Path, port: u16, nodes: &[(&str, String)], extra_args: &[&st
         cmd.arg("--admin-listen")
             .arg(format!("127.0.0.1:{}", free_port()));
     }
-    // A member with other voters keeps its vote record in its own dir.
-    if extra_args.contains(&"--voter") && !extra_args.contains(&"--state-dir") {
+    // Every member keeps its vote record (term, primary) in its own dir.
+    if !extra_args.contains(&"--state-dir") {
         let state = log_path.with_file_name("state");
         cmd.arg("--state-dir").arg(state);
     }
