@@ -90,6 +90,22 @@ pub struct LeaseResponse {
 pub struct PublishRequest {
     pub term: u64,
     pub primary: String,
+    /// The timeline the primary wrote on when the term was published,
+    /// when known: a node on this timeline or an older one is never a
+    /// later promotion to adopt.
+    #[serde(default)]
+    pub timeline: Option<u32>,
+}
+
+impl PublishRequest {
+    /// The published term a voter's record holds, to pass on.
+    pub fn of(record: &VoterRecord) -> Option<Self> {
+        Some(Self {
+            term: record.term,
+            primary: record.primary.clone()?,
+            timeline: record.primary_timeline,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

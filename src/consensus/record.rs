@@ -61,6 +61,10 @@ pub struct VoterRecord {
     /// Latest published term and its primary node.
     pub term: u64,
     pub primary: Option<String>,
+    /// The timeline `primary` wrote on when `term` was published, when
+    /// known (see `PublishRequest::timeline`).
+    #[serde(default)]
+    pub primary_timeline: Option<u32>,
     /// This voter has granted a routing lease at least once (written
     /// before the first grant): only then must it, after a restart,
     /// assume a lease it granted may still run.
@@ -154,6 +158,7 @@ mod tests {
             pending_until_ms: None,
             term: 2,
             primary: Some("n2".into()),
+            primary_timeline: Some(2),
             grants_leases: true,
             member_kinds: [("w1".to_string(), MemberKind::Witness)].into(),
         };

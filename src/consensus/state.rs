@@ -166,6 +166,7 @@ impl VoterState {
             let learn = PublishRequest {
                 term: request.term,
                 primary: request.primary.clone(),
+                timeline: None,
             };
             // A refusal here (a vote held for a newer term) is the answer
             // below too.
@@ -227,7 +228,7 @@ impl VoterState {
         }
         if request.term == record.term {
             return if record.primary.as_deref() == Some(request.primary.as_str()) {
-                Ok(record.clone())
+                self.learn_timeline(request, persist)
             } else {
                 Err(format!(
                     "term {} already has primary {}",
@@ -239,6 +240,7 @@ impl VoterState {
         let mut next = record.clone();
         next.term = request.term;
         next.primary = Some(request.primary.clone());
+        next.primary_timeline = request.timeline;
         if request.term >= next.voted_term {
             if request.term > next.voted_term {
                 next.voted_for = None;
@@ -246,6 +248,23 @@ impl VoterState {
             next.voted_term = request.term;
             next.pending_until_ms = None;
         }
+        self.commit(next, persist)
+            .map_err(|e| format!("cannot persist term {}: {e}", request.term))?;
+        Ok(self.record.clone())
+    }
+
+    /// The same term again: a voter that learnt it without the primary's
+    /// timeline (from a lease holder) records the timeline now.
+    fn learn_timeline(
+        &mut self,
+        request: &PublishRequest,
+        persist: Persist<'_>,
+    ) -> Result<VoterRecord, String> {
+        if self.record.primary_timeline.is_some() || request.timeline.is_none() {
+            return Ok(self.record.clone());
+        }
+        let mut next = self.record.clone();
+        next.primary_timeline = request.timeline;
         self.commit(next, persist)
             .map_err(|e| format!("cannot persist term {}: {e}", request.term))?;
         Ok(self.record.clone())

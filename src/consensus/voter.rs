@@ -192,6 +192,7 @@ mod tests {
         v.publish(&PublishRequest {
             term,
             primary: "n1".into(),
+            timeline: None,
         })
         .expect("publish");
     }
@@ -296,6 +297,25 @@ mod tests {
         assert!(!v.lease(&lease).granted, "no renewal for the old term");
     }
 
+    /// A voter that learnt the term from a lease holder (no timeline)
+    /// records the primary's timeline when the term is published again;
+    /// a known timeline is never replaced.
+    #[test]
+    fn the_same_term_again_fills_in_the_primarys_timeline() {
+        let v = voter();
+        published(&v, 2);
+        assert_eq!(v.record().primary_timeline, None);
+        let with_timeline = |timeline| PublishRequest {
+            term: 2,
+            primary: "n1".into(),
+            timeline: Some(timeline),
+        };
+        v.publish(&with_timeline(3)).expect("same term");
+        assert_eq!(v.record().primary_timeline, Some(3));
+        v.publish(&with_timeline(4)).expect("same term");
+        assert_eq!(v.record().primary_timeline, Some(3), "kept");
+    }
+
     #[test]
     fn publish_refuses_old_terms_and_conflicting_primaries() {
         let v = voter();
@@ -303,11 +323,13 @@ mod tests {
         let old = PublishRequest {
             term: 1,
             primary: "n2".into(),
+            timeline: None,
         };
         assert!(v.publish(&old).is_err());
         let conflict = PublishRequest {
             term: 2,
             primary: "n2".into(),
+            timeline: None,
         };
         assert!(v.publish(&conflict).is_err());
     }

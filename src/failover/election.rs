@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 use tokio::time::sleep;
-use tracing::info;
+use tracing::{info, warn};
 
+use super::node_sql::NodeSql;
 use super::{Coordinator, writable_nodes};
 use crate::consensus::holder::tally;
 use crate::consensus::majority;
@@ -56,26 +57,26 @@ impl Coordinator {
                 self.lease.learn_kind(&state.voter, state.kind);
             }
             let record = state.record;
-            if record.term > mine.term
-                && let Some(primary) = record.primary.clone()
-            {
-                {
-                    let request = PublishRequest {
-                        term: record.term,
-                        primary,
-                    };
-                    if me.publish(&request).is_ok() {
-                        self.events.record(
-                            record.term,
-                            "term_learned",
-                            record.primary.as_deref(),
-                            format!(
-                                "voter {} knows term {}; following it",
-                                state.voter, record.term
-                            ),
-                        );
-                    }
-                }
+            let newer = record.term > mine.term;
+            // Same term: the other voter may know the primary's timeline
+            // when this one learnt the term without it (from a lease).
+            let fills_timeline = record.term == mine.term
+                && mine.primary_timeline.is_none()
+                && record.primary_timeline.is_some();
+            let Some(request) = PublishRequest::of(&record).filter(|_| newer || fills_timeline)
+            else {
+                continue;
+            };
+            if me.publish(&request).is_ok() && newer {
+                self.events.record(
+                    record.term,
+                    "term_learned",
+                    record.primary.as_deref(),
+                    format!(
+                        "voter {} knows term {}; following it",
+                        state.voter, record.term
+                    ),
+                );
             }
         }
         self.other_failover_pending
@@ -289,6 +290,7 @@ impl Coordinator {
         let request = PublishRequest {
             term,
             primary: primary.into(),
+            timeline: self.timeline_of(primary).await,
         };
         let replies = self.peers.publish(&request).await;
         let accepted = replies.iter().filter(|r| r.is_ok()).count();
@@ -309,6 +311,22 @@ impl Coordinator {
             ),
         );
         self.refresh_route();
+    }
+
+    /// The timeline `node` writes on, asked now (it was just promoted or
+    /// chosen). `None` when it does not answer: the last probe may predate
+    /// the promotion, and an unknown timeline only makes adoption refuse.
+    async fn timeline_of(&self, node: &str) -> Option<u32> {
+        let topology = self.topology.load();
+        let index = topology.index_of(node)?;
+        NodeSql {
+            node: &topology.nodes[index].spec,
+            monitor: &self.monitor,
+        }
+        .writable_timeline()
+        .await
+        .inspect_err(|e| warn!(node, error = %e, "cannot read the new primary's timeline"))
+        .ok()
     }
 
     /// True when a majority of voters confirm `term` is the newest: the

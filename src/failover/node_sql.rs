@@ -11,6 +11,9 @@ use crate::config::{MonitorConfig, NodeSpec};
 
 /// Bound on one action (promotion may wait for the end of recovery).
 const ACTION_TIMEOUT: Duration = Duration::from_secs(60);
+/// The timeline of the WAL file a primary writes now (as the probe reads it).
+const WRITABLE_TIMELINE_SQL: &str =
+    "SELECT ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int";
 
 pub struct NodeSql<'a> {
     pub node: &'a NodeSpec,
@@ -216,6 +219,24 @@ impl NodeSql<'_> {
                 .await
                 .map_err(|e| describe(&e))?;
             Ok(row.get(0))
+        };
+        timeout(self.monitor.probe_timeout() * 2, work)
+            .await
+            .map_err(|_| format!("{} did not answer in time", self.node.name))?
+    }
+
+    /// The timeline a writable node writes on now (an error in recovery):
+    /// recorded with the term, so a node on an older one is never taken
+    /// for a later promotion, even when the term's primary was never seen.
+    pub async fn writable_timeline(&self) -> Result<u32, String> {
+        let work = async {
+            let client = self.connect().await?;
+            let row = client
+                .query_one(WRITABLE_TIMELINE_SQL, &[])
+                .await
+                .map_err(|e| describe(&e))?;
+            let timeline: i32 = row.get(0);
+            u32::try_from(timeline).map_err(|_| format!("timeline {timeline} out of range"))
         };
         timeout(self.monitor.probe_timeout() * 2, work)
             .await

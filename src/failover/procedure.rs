@@ -39,28 +39,19 @@ impl Coordinator {
         term: u64,
     ) -> Result<(), String> {
         let old_name = topology.nodes[old].spec.name.clone();
-        // Only a node promoted *after* the old primary can be adopted: a
-        // fenced node, or one on an older timeline, is a stale primary
-        // whose data the cluster has moved past.
         let statuses = self.topology.statuses();
-        let old_timeline = statuses
-            .get(old)
-            .cloned()
-            .flatten()
-            .and_then(|s| s.timeline);
         let writable: Vec<usize> = (0..topology.nodes.len())
             .filter(|i| *i != old && topology.nodes[*i].health == NodeHealth::Primary)
-            .filter(|i| {
-                statuses.get(*i).cloned().flatten().is_some_and(|s| {
-                    !s.read_only
-                        && s.timeline
-                            .zip(old_timeline)
-                            .is_none_or(|(new, old)| new > old)
-                })
-            })
+            .filter(|i| statuses.get(*i).cloned().flatten().is_some_and(|s| !s.read_only))
             .collect();
         match writable.as_slice() {
-            [new] => self.adopt(topology, &old_name, *new, term).await,
+            [new] => match self.promoted_after(old, *new) {
+                Ok(()) => self.adopt(topology, &old_name, *new, term).await,
+                Err(why) => {
+                    self.note(term, "adopt_refused", Some(&topology.nodes[*new].spec.name), why);
+                    Ok(())
+                }
+            },
             [] if self.control.is_paused() => {
                 self.note(term, "failover_paused", Some(&old_name), format!(
                     "primary {old_name} is down; automatic failover is paused (sessions are held)"
@@ -74,6 +65,36 @@ impl Coordinator {
                 ));
                 Ok(())
             }
+        }
+    }
+
+    /// Only a node promoted *after* the term's primary `old` can be
+    /// adopted: one on the same or an older timeline is a stale primary
+    /// whose data the cluster has moved past. The timeline recorded with
+    /// the term counts, as does the one last probed; with neither (a
+    /// member restarted while `old` is down, a term published before
+    /// timelines were recorded) nothing proves it, and nothing is adopted.
+    fn promoted_after(&self, old: usize, new: usize) -> Result<(), String> {
+        let topology = self.topology.load();
+        let statuses = self.topology.statuses();
+        let probed = |i: usize| statuses.get(i).and_then(Option::as_ref).and_then(|s| s.timeline);
+        let record = self.peers.me().record();
+        let recorded = record
+            .primary_timeline
+            .filter(|_| record.primary.as_deref() == Some(topology.nodes[old].spec.name.as_str()));
+        let (old_name, new_name) = (&topology.nodes[old].spec.name, &topology.nodes[new].spec.name);
+        match (recorded.max(probed(old)), probed(new)) {
+            (Some(theirs), Some(mine)) if mine > theirs => Ok(()),
+            (Some(theirs), Some(mine)) => Err(format!(
+                "{new_name} is writable on timeline {mine}, not after primary {old_name}'s {theirs}: \
+                 a stale primary, not a promotion to adopt"
+            )),
+            (None, _) => Err(format!(
+                "{new_name} is writable, but {old_name}'s timeline is unknown (never seen since \
+                 this member started, not recorded with the term): refusing to adopt a node \
+                 that may be a stale primary"
+            )),
+            (_, None) => Err(format!("{new_name} is writable on an unknown timeline")),
         }
     }
 

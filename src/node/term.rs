@@ -45,15 +45,12 @@ pub async fn learn(peers: &Peers, events: &EventLog, topology: &TopologyStore) -
         }
         if state.record.term > term && state.record.primary.is_some() {
             term = state.record.term;
-            primary = state.record.primary;
-            source = Some(state.voter);
+            primary = state.record.primary.clone();
+            source = Some((state.voter, state.record));
         }
     }
-    if let (Some(voter), Some(p)) = (source, &primary) {
-        let request = PublishRequest {
-            term,
-            primary: p.clone(),
-        };
+    if let Some((voter, request)) = source.and_then(|(v, r)| Some((v, PublishRequest::of(&r)?))) {
+        let p = &request.primary;
         if me.publish(&request).is_ok() {
             events.record(
                 term,

@@ -404,6 +404,7 @@ impl Member {
             let learn = PublishRequest {
                 term: record.term,
                 primary,
+                timeline: record.primary_timeline,
             };
             let _ = self
                 .voter
@@ -1043,6 +1044,7 @@ impl Member {
         let publish = PublishRequest {
             term,
             primary: self.specs[node].name.clone(),
+            timeline: None,
         };
         ctx.notes.push(format!(
             "{} publishes term {term} ({})",

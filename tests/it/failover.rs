@@ -226,3 +226,41 @@ async fn paused_failover_waits_for_resume_and_status_tells_the_story() {
     let text = pgfailover(&c, &["events"]);
     assert!(text.contains("primary changed from n1 to n2"), "{text}");
 }
+
+/// A lone proxy keeps the term in its state dir: restarted while the new
+/// primary is down and the old one is back writable, it routes nowhere
+/// rather than bootstrap again on the stale node, and it takes the new
+/// primary back when it returns (issue 10, defect 8).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_lone_proxy_remembers_the_term_and_never_routes_to_the_stale_primary() {
+    let mut cluster = PgCluster::primary_with_standby();
+    let mut proxy = ProxyProcess::start(&cluster.nodes(), &["--hold-timeout", "2s"]);
+    let dsn = proxy.dsn(SCRAM_USER.name, SCRAM_USER.password, APP_DB);
+    create_writes_table(&dsn).await;
+    cluster.primary.kill9();
+    first_write_on(&dsn, "n2", Instant::now()).await;
+
+    proxy.kill9();
+    cluster.standby.stop();
+    cluster.primary.start();
+    proxy.restart();
+    for _ in 0..3 {
+        if let Ok(client) = try_connect(&dsn).await {
+            let landed = write_once(&client).await;
+            assert!(
+                landed.is_err(),
+                "a write reached {landed:?} while the term's primary n2 is down"
+            );
+        }
+    }
+    assert_eq!(
+        cluster
+            .primary
+            .psql_db(APP_DB, "SELECT count(*) FROM writes WHERE node = 'n1'"),
+        "0",
+        "nothing was written on the stale old primary"
+    );
+
+    cluster.standby.start();
+    first_write_on(&dsn, "n2", Instant::now()).await;
+}
