@@ -21,7 +21,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Secret;
 use crate::consensus::Peers;
 use crate::consensus::messages::{
-    LeaseRequest, MemberKind, PublishRequest, ReleaseRequest, StateResponse, VoteRequest,
+    LeaseRequest, MemberKind, PublishRequest, ReleaseRequest, StateResponse, SyncRequest,
+    VoteRequest,
 };
 use crate::events::EventLog;
 use crate::failover::{Coordinator, FailoverControl, LeaseKeeper, SwitchoverRequest};
@@ -56,6 +57,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/v1/vote", post(vote))
         .route("/v1/lease", post(lease))
         .route("/v1/publish", post(publish))
+        .route("/v1/synchronous", post(record_sync))
         .route("/v1/release", post(release))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&state),
@@ -242,6 +244,13 @@ async fn release(State(state): Shared, Json(request): Json<ReleaseRequest>) -> R
 
 async fn publish(State(state): Shared, Json(request): Json<PublishRequest>) -> Response {
     match state.peers.me().publish(&request) {
+        Ok(record) => Json(record).into_response(),
+        Err(reason) => (StatusCode::CONFLICT, reason).into_response(),
+    }
+}
+
+async fn record_sync(State(state): Shared, Json(request): Json<SyncRequest>) -> Response {
+    match state.peers.me().record_sync(&request) {
         Ok(record) => Json(record).into_response(),
         Err(reason) => (StatusCode::CONFLICT, reason).into_response(),
     }

@@ -19,6 +19,14 @@ pub struct ClusterStatus {
     pub failover_paused: Option<bool>,
     pub lease_needed: bool,
     pub lease_valid: bool,
+    /// Synchronous mode: the standby of this term recorded with the
+    /// voters, the only one a failover may promote.
+    #[serde(default)]
+    pub synchronous_standby: Option<String>,
+    /// Standbys streaming from the primary under an `application_name`
+    /// that is no node's name: never synchronous, never promoted.
+    #[serde(default)]
+    pub unmatched_standbys: Vec<String>,
     pub nodes: Vec<NodeReport>,
     pub voters: Vec<VoterReport>,
 }
@@ -100,6 +108,16 @@ pub async fn collect(state: &AdminState) -> ClusterStatus {
             }
         })
         .collect();
+    let record = state.peers.me().record();
+    let unmatched_standbys = topology
+        .primary
+        .and_then(|i| statuses.get(i).cloned().flatten())
+        .map(|s| s.replicas)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|r| topology.index_of(&r.name).is_none())
+        .map(|r| r.name)
+        .collect();
     ClusterStatus {
         member: state.peers.me().name.clone(),
         kind: state.kind,
@@ -110,6 +128,8 @@ pub async fn collect(state: &AdminState) -> ClusterStatus {
         failover_paused: state.control.as_ref().map(|c| c.is_paused()),
         lease_needed: state.lease.as_ref().is_some_and(|l| l.needed()),
         lease_valid: state.lease.as_ref().is_some_and(|l| l.is_valid()),
+        synchronous_standby: record.sync_standby.filter(|_| record.term == topology.term),
+        unmatched_standbys,
         nodes,
         voters: voters(state).await,
     }

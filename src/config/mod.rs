@@ -364,12 +364,10 @@ fn member_config(
              (a member that forgot them could route to a stale primary)",
         )
     })?;
-    if voters.len() > 1 {
-        if token.is_none() {
-            return Err(invalid(format!(
-                "voters authenticate with a shared token: set {CLUSTER_TOKEN_ENV} or --cluster-token-file"
-            )));
-        }
+    if voters.len() > 1 && token.is_none() {
+        return Err(invalid(format!(
+            "voters authenticate with a shared token: set {CLUSTER_TOKEN_ENV} or --cluster-token-file"
+        )));
     }
     let admin = o.admin_listen.as_deref().or(default_admin);
     let lease_duration = duration("--lease-duration", o.lease_duration, "4s")?;

@@ -4,6 +4,7 @@
 //! decide through these.
 
 use super::messages::{LeaseResponse, VoteResponse};
+use super::record::VoterRecord;
 use super::state::Millis;
 
 /// A routing (or writing) lease as its holder counts it: from when the
@@ -116,6 +117,65 @@ pub struct Tally {
     /// With none anywhere among the granting voters, no holder can still
     /// count one (any lease majority shares a voter with the votes).
     pub leases_seen: bool,
+    /// The synchronous standby the granting voters hold, newest first.
+    pub synchronous: SyncSeen,
+}
+
+/// A synchronous standby as voters record it, with the term and epoch
+/// that order such records: of the records a majority returns, the
+/// newest is at least as new as any a majority ever accepted. Two
+/// different standbys at the newest epoch (a write that reached only a
+/// minority, from a coordinator that lost its lock) mean nothing is known.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SyncSeen {
+    pub term: u64,
+    pub epoch: u64,
+    pub standby: Option<String>,
+    /// Another record of the same term and epoch names another standby.
+    pub conflict: bool,
+}
+
+impl SyncSeen {
+    pub fn of(record: &VoterRecord) -> Self {
+        Self {
+            term: record.term,
+            epoch: record.sync_epoch,
+            standby: record.sync_standby.clone(),
+            conflict: false,
+        }
+    }
+
+    /// The newer of two records, marking a conflict on a tie.
+    pub fn newest(mut self, other: Self) -> Self {
+        match (other.term, other.epoch).cmp(&(self.term, self.epoch)) {
+            std::cmp::Ordering::Greater => other,
+            std::cmp::Ordering::Less => self,
+            std::cmp::Ordering::Equal => {
+                self.conflict |= other.conflict || other.standby != self.standby;
+                self
+            }
+        }
+    }
+
+    /// The standby of `term` a failover may promote, or why none.
+    pub fn standby_of(&self, term: u64) -> Result<&str, String> {
+        if self.conflict && self.term == term {
+            return Err(format!(
+                "voters disagree on the synchronous standby of term {term} (epoch {})",
+                self.epoch
+            ));
+        }
+        match (&self.standby, self.term == term) {
+            (Some(standby), true) => Ok(standby),
+            (None, true) => Err(format!(
+                "no synchronous standby of term {term} is recorded (none was caught up, or one is being changed)"
+            )),
+            (_, false) => Err(format!(
+                "the voters hold no synchronous standby of term {term} (newest is of term {})",
+                self.term
+            )),
+        }
+    }
 }
 
 /// Counts `replies` (an error is a voter that did not answer) of an
@@ -149,6 +209,8 @@ pub fn tally<'a>(
                 }
                 if r.granted {
                     tally.granted += 1;
+                    tally.synchronous =
+                        std::mem::take(&mut tally.synchronous).newest(SyncSeen::of(record));
                     let wait = lease_wait(r, &revoked);
                     tally.lease_wait = tally.lease_wait.max(wait.unwrap_or_default());
                     tally.leases_seen |= wait.is_some();

@@ -108,6 +108,18 @@ impl PublishRequest {
     }
 }
 
+/// Synchronous mode: names the standby of `term` holding every commit
+/// the primary acknowledged (`None`: none is known to). A voter takes it
+/// only in that term, only with a higher `epoch` than it holds (at most
+/// one value per epoch reaches a majority), and not while it holds a
+/// vote for a newer term (a candidate has read the standby from it).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SyncRequest {
+    pub term: u64,
+    pub epoch: u64,
+    pub standby: Option<String>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StateResponse {
     pub voter: String,

@@ -18,8 +18,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::messages::{
-    LeaseRequest, LeaseResponse, PublishRequest, ReleaseRequest, StateResponse, VoteRequest,
-    VoteResponse,
+    LeaseRequest, LeaseResponse, PublishRequest, ReleaseRequest, StateResponse, SyncRequest,
+    VoteRequest, VoteResponse,
 };
 use super::record::VoterRecord;
 use super::voter::Voter;
@@ -125,6 +125,12 @@ impl Peers {
     pub async fn publish(&self, request: &PublishRequest) -> Vec<Reply<VoterRecord>> {
         let mine = self.me.publish(request);
         self.ask_all(mine, "/v1/publish", Some(request)).await
+    }
+
+    /// Records the synchronous standby with every voter (this one first).
+    pub async fn record_sync(&self, request: &SyncRequest) -> Vec<Reply<VoterRecord>> {
+        let mine = self.me.record_sync(request);
+        self.ask_all(mine, "/v1/synchronous", Some(request)).await
     }
 
     pub async fn states(&self) -> Vec<Reply<StateResponse>> {

@@ -65,6 +65,14 @@ pub struct VoterRecord {
     /// known (see `PublishRequest::timeline`).
     #[serde(default)]
     pub primary_timeline: Option<u32>,
+    /// Synchronous mode: the standby of `term` that holds every commit
+    /// the primary acknowledged, the only one a failover may promote
+    /// (`None`: no standby is known to, and no failover may promote).
+    /// Changed with a majority, `sync_epoch` counting the changes.
+    #[serde(default)]
+    pub sync_standby: Option<String>,
+    #[serde(default)]
+    pub sync_epoch: u64,
     /// This voter has granted a routing lease at least once (written
     /// before the first grant): only then must it, after a restart,
     /// assume a lease it granted may still run.
@@ -159,6 +167,8 @@ mod tests {
             term: 2,
             primary: Some("n2".into()),
             primary_timeline: Some(2),
+            sync_standby: Some("n1".into()),
+            sync_epoch: 4,
             grants_leases: true,
             member_kinds: [("w1".to_string(), MemberKind::Witness)].into(),
         };

@@ -19,7 +19,8 @@
 use std::collections::HashMap;
 
 use super::messages::{
-    ElectionReason, LeaseRequest, LeaseResponse, PublishRequest, VoteRequest, VoteResponse,
+    ElectionReason, LeaseRequest, LeaseResponse, PublishRequest, SyncRequest, VoteRequest,
+    VoteResponse,
 };
 use super::record::VoterRecord;
 use super::timing::Timing;
@@ -241,6 +242,10 @@ impl VoterState {
         next.term = request.term;
         next.primary = Some(request.primary.clone());
         next.primary_timeline = request.timeline;
+        // A new term starts with no synchronous standby: the coordinator
+        // names one once it holds every commit of the new primary.
+        next.sync_standby = None;
+        next.sync_epoch = 0;
         if request.term >= next.voted_term {
             if request.term > next.voted_term {
                 next.voted_for = None;
@@ -250,6 +255,35 @@ impl VoterState {
         }
         self.commit(next, persist)
             .map_err(|e| format!("cannot persist term {}: {e}", request.term))?;
+        Ok(self.record.clone())
+    }
+
+    /// Records the synchronous standby of the current term (see
+    /// `SyncRequest` for when it is refused).
+    pub fn record_sync(
+        &mut self,
+        request: &SyncRequest,
+        now: Now,
+        persist: Persist<'_>,
+    ) -> Result<VoterRecord, String> {
+        let record = &self.record;
+        if request.term != record.term {
+            return Err(format!("current term is {}", record.term));
+        }
+        if let Some((term, candidate)) = record.pending_vote(now.wall) {
+            return Err(format!("voted for {candidate} in newer term {term}"));
+        }
+        if request.epoch <= record.sync_epoch {
+            return Err(format!(
+                "synchronous standby epoch {} is not after {}",
+                request.epoch, record.sync_epoch
+            ));
+        }
+        let mut next = record.clone();
+        next.sync_standby = request.standby.clone();
+        next.sync_epoch = request.epoch;
+        self.commit(next, persist)
+            .map_err(|e| format!("cannot persist the synchronous standby: {e}"))?;
         Ok(self.record.clone())
     }
 

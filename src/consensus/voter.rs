@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use super::messages::{
-    LeaseRequest, LeaseResponse, MemberKind, PublishRequest, VoteRequest, VoteResponse,
+    LeaseRequest, LeaseResponse, MemberKind, PublishRequest, SyncRequest, VoteRequest, VoteResponse,
 };
 use super::record::{StateFile, VoterRecord, now_ms};
 use super::state::{Now, VoterState};
@@ -140,6 +140,11 @@ impl Voter {
 
     pub fn publish(&self, request: &PublishRequest) -> Result<VoterRecord, String> {
         self.lock().publish(request, &mut self.persist())
+    }
+
+    pub fn record_sync(&self, request: &SyncRequest) -> Result<VoterRecord, String> {
+        self.lock()
+            .record_sync(request, clock_now(), &mut self.persist())
     }
 
     pub fn release_vote(&self, term: u64, candidate: &str) {

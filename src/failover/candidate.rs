@@ -1,6 +1,6 @@
 //! Choosing the standby to promote: healthy, same system, same timeline
 //! lineage, furthest in the WAL, close enough to the old primary; in
-//! synchronous mode only a synchronous standby.
+//! synchronous mode only the synchronous standby recorded with the voters.
 
 use crate::config::FailoverConfig;
 use crate::monitor::{Lsn, NodeStatus};
@@ -18,12 +18,14 @@ pub struct Candidate {
 
 /// Picks the standby to promote in place of node `old`, or says why none
 /// qualifies. Ties go to the old primary (when demoted), then to the node
-/// listed first.
+/// listed first. In synchronous mode only `designated` (the standby the
+/// voters recorded) qualifies.
 pub fn pick(
     nodes: &[NodeState],
     statuses: &[Option<NodeStatus>],
     old: usize,
     config: &FailoverConfig,
+    designated: Option<&str>,
 ) -> Result<Candidate, String> {
     let old_status = statuses.get(old).and_then(Option::as_ref);
     let old_position = old_status.and_then(NodeStatus::wal_position);
@@ -44,7 +46,7 @@ pub fn pick(
             node,
             statuses.get(index).and_then(Option::as_ref),
             reference,
-            config,
+            config.synchronous.then_some(designated),
         ) {
             Ok(position) => {
                 let gap = old_position.map(|p| p.saturating_sub(position));
@@ -83,11 +85,12 @@ enum Reference<'a> {
     Itself,
 }
 
+/// `synchronous`: in synchronous mode, the standby the voters recorded.
 fn qualify(
     node: &NodeState,
     status: Option<&NodeStatus>,
     reference: Reference<'_>,
-    config: &FailoverConfig,
+    synchronous: Option<Option<&str>>,
 ) -> Result<Lsn, String> {
     if node.health != NodeHealth::Standby {
         return Err(format!("is {}", node.health));
@@ -98,6 +101,13 @@ fn qualify(
             .wal_position()
             .ok_or_else(|| "no WAL position".into());
     };
+    match synchronous {
+        Some(Some(d)) if d != node.spec.name => {
+            return Err(format!("not the recorded synchronous standby ({d})"));
+        }
+        Some(None) => return Err("no synchronous standby is recorded".into()),
+        _ => {}
+    }
     if let Some(old) = old {
         if old.system_id.is_some() && status.system_id != old.system_id {
             return Err("different system identifier".into());
@@ -107,17 +117,6 @@ fn qualify(
         {
             return Err(format!("on timeline {mine}, primary was on {theirs}"));
         }
-        if config.synchronous {
-            let synchronous = old
-                .replicas
-                .iter()
-                .any(|r| r.name == node.spec.name && r.sync_state == "sync");
-            if !synchronous {
-                return Err("not the synchronous standby".into());
-            }
-        }
-    } else if config.synchronous {
-        return Err("the old primary's replicas are unknown".into());
     }
     status
         .wal_position()
@@ -190,7 +189,7 @@ mod tests {
     #[test]
     fn prefers_the_furthest_standby_and_reports_the_gap() {
         let statuses = vec![primary(5000, "n2"), standby(4000), standby(4500)];
-        let c = pick(&cluster(), &statuses, 0, &config(false)).expect("a candidate");
+        let c = pick(&cluster(), &statuses, 0, &config(false), None).expect("a candidate");
         assert_eq!(c.index, 2);
         assert_eq!(c.gap, Some(500));
     }
@@ -198,15 +197,21 @@ mod tests {
     #[test]
     fn refuses_standbys_too_far_behind() {
         let statuses = vec![primary(9000, "n2"), standby(4000), standby(4500)];
-        let e = pick(&cluster(), &statuses, 0, &config(false)).expect_err("too far");
+        let e = pick(&cluster(), &statuses, 0, &config(false), None).expect_err("too far");
         assert!(e.contains("bytes behind"), "{e}");
     }
 
+    /// The old primary's last probe (n2 synchronous) may be stale: only
+    /// the standby recorded with the voters counts.
     #[test]
-    fn synchronous_mode_takes_only_the_synchronous_standby() {
+    fn synchronous_mode_takes_only_the_recorded_standby() {
         let statuses = vec![primary(9000, "n2"), standby(4000), standby(4500)];
-        let c = pick(&cluster(), &statuses, 0, &config(true)).expect("the sync standby");
+        let c = pick(&cluster(), &statuses, 0, &config(true), Some("n3")).expect("n3");
+        assert_eq!(c.index, 2);
+        let c = pick(&cluster(), &statuses, 0, &config(true), Some("n2")).expect("n2");
         assert_eq!(c.index, 1);
+        let e = pick(&cluster(), &statuses, 0, &config(true), None).expect_err("none recorded");
+        assert!(e.contains("no synchronous standby is recorded"), "{e}");
     }
 
     #[test]
@@ -218,7 +223,7 @@ mod tests {
         let mut nodes = cluster();
         nodes.push(node("n4", NodeHealth::Standby));
         let statuses = vec![primary(5000, "n2"), standby(4000), other, forked];
-        let c = pick(&nodes, &statuses, 0, &config(false)).expect("n2 only");
+        let c = pick(&nodes, &statuses, 0, &config(false), None).expect("n2 only");
         assert_eq!(c.index, 1);
     }
 
@@ -228,13 +233,13 @@ mod tests {
         nodes[0].health = NodeHealth::Standby;
         let statuses = vec![standby(5000), standby(4000), standby(4500)];
         for synchronous in [false, true] {
-            let c = pick(&nodes, &statuses, 0, &config(synchronous)).expect("n1 itself");
+            let c = pick(&nodes, &statuses, 0, &config(synchronous), None).expect("n1 itself");
             assert_eq!((c.index, c.gap), (0, Some(0)));
         }
         nodes.swap(0, 1);
         let statuses = vec![standby(5000), standby(5000), standby(4500)];
         for synchronous in [false, true] {
-            let c = pick(&nodes, &statuses, 1, &config(synchronous)).expect("n1 itself");
+            let c = pick(&nodes, &statuses, 1, &config(synchronous), None).expect("n1 itself");
             assert_eq!(c.index, 1, "the old primary wins a tie");
         }
     }

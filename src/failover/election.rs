@@ -10,9 +10,9 @@ use tracing::{info, warn};
 
 use super::node_sql::NodeSql;
 use super::{Coordinator, writable_nodes};
-use crate::consensus::holder::tally;
+use crate::consensus::holder::{SyncSeen, tally};
 use crate::consensus::majority;
-use crate::consensus::messages::{ElectionReason, PublishRequest, VoteRequest};
+use crate::consensus::messages::{ElectionReason, PublishRequest, SyncRequest, VoteRequest};
 use crate::topology::{NodeHealth, Topology};
 
 /// Time kept in hand for the promotion itself before a won vote lapses.
@@ -28,6 +28,9 @@ pub struct Won {
     pub act_before: Instant,
     /// The request that won, asked again while old leases run out.
     pub request: VoteRequest,
+    /// The synchronous standby the granting voters hold (newest of every
+    /// round): in synchronous mode the only node this election may promote.
+    pub synchronous: SyncSeen,
 }
 
 /// While waiting out old leases, the winner asks the voters again this
@@ -57,6 +60,16 @@ impl Coordinator {
                 self.lease.learn_kind(&state.voter, state.kind);
             }
             let record = state.record;
+            if record.term == mine.term && record.sync_epoch > mine.sync_epoch {
+                // Taken as the writer's own message arriving late would be
+                // (same rule), so the coordinator's next change starts
+                // from the newest epoch.
+                let _ = me.record_sync(&SyncRequest {
+                    term: record.term,
+                    epoch: record.sync_epoch,
+                    standby: record.sync_standby.clone(),
+                });
+            }
             let newer = record.term > mine.term;
             // Same term: the other voter may know the primary's timeline
             // when this one learnt the term without it (from a lease).
@@ -186,6 +199,7 @@ impl Coordinator {
                 lease_wait: self.lease_wait_of(&counted),
                 act_before,
                 request,
+                synchronous: counted.synchronous,
             });
         }
         let detail = format!(
@@ -259,6 +273,7 @@ impl Coordinator {
         won.act_before = won
             .act_before
             .max(asked + self.peers.me().failover_window() - PROMOTE_MARGIN);
+        won.synchronous = std::mem::take(&mut won.synchronous).newest(counted.synchronous.clone());
         // Counted from after every answer: each voter measured what it
         // reports at or before this instant.
         Ok(self.lease_wait_of(&counted))

@@ -11,6 +11,7 @@ mod lease;
 pub mod node_sql;
 mod procedure;
 mod switchover;
+mod synchronous;
 
 use std::collections::HashMap;
 use std::sync::Arc;

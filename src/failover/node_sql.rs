@@ -250,12 +250,170 @@ impl NodeSql<'_> {
         self.run(&["CHECKPOINT"]).await
     }
 
+    /// Writes `synchronous_standby_names` for the next start or reload
+    /// (on a standby about to be promoted: its first commits wait).
+    pub async fn configure_synchronous_standby_names(&self, value: &str) -> Result<(), String> {
+        self.run(&[&alter_synchronous_standby_names(value)]).await
+    }
+
+    /// A session holding the lock under which one coordinator at a time
+    /// changes `synchronous_standby_names` on this primary; `None` when
+    /// another session holds it. The lock goes with the session.
+    pub async fn lock_synchronous(&self) -> Result<Option<SynchronousSession>, String> {
+        let client = self.connect().await?;
+        let sql = format!("SELECT pg_try_advisory_lock({SYNCHRONOUS_LOCK})");
+        let row = client
+            .query_one(&sql, &[])
+            .await
+            .map_err(|e| format!("advisory lock on {}: {}", self.node.name, describe(&e)))?;
+        Ok(row.get::<_, bool>(0).then(|| SynchronousSession {
+            client,
+            node: self.node.name.clone(),
+        }))
+    }
+
+    /// Waits until a new session on this node starts with
+    /// `synchronous_standby_names = value`: the postmaster has reloaded,
+    /// so every process it starts from now on follows `value`.
+    pub async fn wait_synchronous_loaded(
+        &self,
+        value: &str,
+        limit: Duration,
+    ) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let client = self.connect().await?;
+            let row = client
+                .query_one("SELECT current_setting('synchronous_standby_names')", &[])
+                .await
+                .map_err(|e| describe(&e))?;
+            if row.get::<_, String>(0) == value {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!(
+                    "{} did not load synchronous_standby_names = '{value}' within {limit:?}",
+                    self.node.name
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Advisory lock key of the synchronous standby's changes ("pgfail").
+const SYNCHRONOUS_LOCK: i64 = 0x7067_6661_696c;
+
+fn alter_synchronous_standby_names(value: &str) -> String {
+    format!(
+        "ALTER SYSTEM SET synchronous_standby_names = {}",
+        quote_literal(value)
+    )
+}
+
+/// See `NodeSql::lock_synchronous`.
+pub struct SynchronousSession {
+    client: Client,
+    node: String,
+}
+
+impl SynchronousSession {
+    fn error(&self, what: &str, e: &tokio_postgres::Error) -> String {
+        format!("{what} on {}: {}", self.node, describe(e))
+    }
+
+    /// `synchronous_standby_names` as the configuration files say and as
+    /// this (new) session loaded it; they differ while a reload is due.
+    pub async fn synchronous_standby_names(&self) -> Result<(String, String), String> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT coalesce((SELECT setting FROM pg_file_settings \
+                   WHERE name = 'synchronous_standby_names' AND error IS NULL \
+                   ORDER BY seqno DESC LIMIT 1), ''), \
+                 current_setting('synchronous_standby_names')",
+                &[],
+            )
+            .await
+            .map_err(|e| self.error("reading synchronous_standby_names", &e))?;
+        Ok((row.get(0), row.get(1)))
+    }
+
+    /// ALTER SYSTEM and reload.
     pub async fn set_synchronous_standby_names(&self, value: &str) -> Result<(), String> {
-        let sql = format!(
-            "ALTER SYSTEM SET synchronous_standby_names = {}",
-            quote_literal(value)
-        );
-        self.run(&[&sql, "SELECT pg_reload_conf()"]).await
+        self.client
+            .batch_execute(&alter_synchronous_standby_names(value))
+            .await
+            .map_err(|e| self.error("ALTER SYSTEM", &e))?;
+        self.client
+            .batch_execute("SELECT pg_reload_conf()")
+            .await
+            .map_err(|e| self.error("pg_reload_conf", &e))
+    }
+
+    /// Ends the WAL senders of `standbys` and waits until they are gone:
+    /// one started before the last reload may still follow the old
+    /// setting and acknowledge commits for a standby no longer named.
+    pub async fn stop_wal_senders(
+        &self,
+        standbys: &[String],
+        limit: Duration,
+    ) -> Result<(), String> {
+        if standbys.is_empty() {
+            return Ok(());
+        }
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let row = self
+                .client
+                .query_one(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_replication \
+                     WHERE application_name = ANY($1)",
+                    &[&standbys],
+                )
+                .await
+                .map_err(|e| self.error("stopping WAL senders", &e))?;
+            if row.get::<_, i64>(0) == 0 {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!(
+                    "WAL senders of {standbys:?} on {} still run after {limit:?}",
+                    self.node
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until `standby` has flushed everything written so far: then
+    /// it holds every commit acknowledged before, whoever acknowledged it.
+    pub async fn wait_flushed_by(&self, standby: &str, limit: Duration) -> Result<(), String> {
+        let target: String = self
+            .client
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .map_err(|e| self.error("pg_current_wal_lsn", &e))?
+            .get(0);
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let row = self
+                .client
+                .query_one(
+                    "SELECT coalesce(bool_or(flush_lsn >= $2::text::pg_lsn), false) \
+                     FROM pg_stat_replication WHERE application_name = $1",
+                    &[&standby, &target],
+                )
+                .await
+                .map_err(|e| self.error("reading pg_stat_replication", &e))?;
+            if row.get::<_, bool>(0) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!("{standby} did not flush {target} within {limit:?}"));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 

@@ -42,13 +42,24 @@ impl Coordinator {
         let statuses = self.topology.statuses();
         let writable: Vec<usize> = (0..topology.nodes.len())
             .filter(|i| *i != old && topology.nodes[*i].health == NodeHealth::Primary)
-            .filter(|i| statuses.get(*i).cloned().flatten().is_some_and(|s| !s.read_only))
+            .filter(|i| {
+                statuses
+                    .get(*i)
+                    .cloned()
+                    .flatten()
+                    .is_some_and(|s| !s.read_only)
+            })
             .collect();
         match writable.as_slice() {
             [new] => match self.promoted_after(old, *new) {
                 Ok(()) => self.adopt(topology, &old_name, *new, term).await,
                 Err(why) => {
-                    self.note(term, "adopt_refused", Some(&topology.nodes[*new].spec.name), why);
+                    self.note(
+                        term,
+                        "adopt_refused",
+                        Some(&topology.nodes[*new].spec.name),
+                        why,
+                    );
                     Ok(())
                 }
             },
@@ -77,12 +88,20 @@ impl Coordinator {
     fn promoted_after(&self, old: usize, new: usize) -> Result<(), String> {
         let topology = self.topology.load();
         let statuses = self.topology.statuses();
-        let probed = |i: usize| statuses.get(i).and_then(Option::as_ref).and_then(|s| s.timeline);
+        let probed = |i: usize| {
+            statuses
+                .get(i)
+                .and_then(Option::as_ref)
+                .and_then(|s| s.timeline)
+        };
         let record = self.peers.me().record();
         let recorded = record
             .primary_timeline
             .filter(|_| record.primary.as_deref() == Some(topology.nodes[old].spec.name.as_str()));
-        let (old_name, new_name) = (&topology.nodes[old].spec.name, &topology.nodes[new].spec.name);
+        let (old_name, new_name) = (
+            &topology.nodes[old].spec.name,
+            &topology.nodes[new].spec.name,
+        );
         match (recorded.max(probed(old)), probed(new)) {
             (Some(theirs), Some(mine)) if mine > theirs => Ok(()),
             (Some(theirs), Some(mine)) => Err(format!(
@@ -130,7 +149,14 @@ impl Coordinator {
         let started = Instant::now();
         let old_name = topology.nodes[old].spec.name.clone();
         let statuses = self.topology.statuses();
-        let chosen = match candidate::pick(&topology.nodes, &statuses, old, &self.failover) {
+        let designated = self.recorded_synchronous_standby(term).await;
+        let chosen = match candidate::pick(
+            &topology.nodes,
+            &statuses,
+            old,
+            &self.failover,
+            designated.as_deref(),
+        ) {
             Ok(c) => c,
             Err(reason) => {
                 self.note(
@@ -159,7 +185,13 @@ impl Coordinator {
         self.set_blocked(Some(format!(
             "failover from {old_name} to {new_name} in progress"
         )));
-        let result = self.promote_chosen(topology, &chosen, next, &mut won).await;
+        let result = match self.synchronous_allows(&won, term, &new_name) {
+            Ok(()) => {
+                self.promote_chosen(topology, &chosen, (term, next), &mut won)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
         if result.is_err() {
             // Give up the term: our own vote must hold nobody up, and the
             // next attempt runs under a newer term.
@@ -176,11 +208,13 @@ impl Coordinator {
         Ok(())
     }
 
+    /// Promotes `chosen` for term `next` in place of the primary of term
+    /// `published`.
     async fn promote_chosen(
         &self,
         topology: &Topology,
         chosen: &Candidate,
-        term: u64,
+        (published, term): (u64, u64),
         won: &mut Won,
     ) -> Result<(), String> {
         let node = &topology.nodes[chosen.index].spec;
@@ -192,6 +226,10 @@ impl Coordinator {
             self.events.record(term, "replay_wait", Some(&node.name), e);
         }
         self.clear_to_act(term, &node.name, won).await?;
+        // The barrier's answers too: nothing changed the standby since.
+        self.synchronous_allows(won, published, &node.name)?;
+        self.prepare_synchronous(&sql, topology, chosen.index, term)
+            .await;
         let promote_started = Instant::now();
         match self.promote_decided(&sql, term).await {
             Ok(()) => {
@@ -472,87 +510,5 @@ impl Coordinator {
             // see the fence, and every step until then fences again.
             self.note(term, "fence", Some(&node.name), detail);
         }
-    }
-
-    /// In synchronous mode, keeps `synchronous_standby_names` on the
-    /// primary naming the healthy streaming standbys (strict mode: all
-    /// standbys, even with none healthy, so writes wait rather than risk).
-    pub(super) async fn manage_synchronous(&self, primary: usize, term: u64) {
-        // Only a proxy that may route writes in this term changes what
-        // the primary waits for: a stale or cut-off one must not.
-        if !self.failover.synchronous || (self.lease.needed() && !self.lease.is_valid()) {
-            return;
-        }
-        let topology = self.topology.load();
-        let statuses = self.topology.statuses();
-        let Some(status) = statuses.get(primary).and_then(Option::as_ref) else {
-            return;
-        };
-        let unmatched: Vec<&str> = status
-            .replicas
-            .iter()
-            .filter(|r| topology.index_of(&r.name).is_none())
-            .map(|r| r.name.as_str())
-            .collect();
-        if !unmatched.is_empty() {
-            self.note(
-                term,
-                "synchronous_unmatched",
-                None,
-                format!(
-                    "standbys streaming as application_name {unmatched:?} match no --node name: \
-                 they can never be the synchronous standby, so --synchronous runs asynchronous \
-                 for them and refuses to fail over to them (set each standby's application_name, \
-                 in primary_conninfo, to its node name)"
-                ),
-            );
-        }
-        let streaming: Vec<&str> = status
-            .replicas
-            .iter()
-            .filter(|r| r.state == "streaming")
-            .filter(|r| topology.index_of(&r.name).is_some())
-            .map(|r| r.name.as_str())
-            .collect();
-        let standbys: Vec<&str> = topology
-            .nodes
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| *i != primary)
-            .map(|(_, n)| n.spec.name.as_str())
-            .collect();
-        let names = match (streaming.is_empty(), self.failover.synchronous_strict) {
-            (false, _) => streaming,
-            (true, true) => standbys,
-            (true, false) => Vec::new(),
-        };
-        let wanted = if names.is_empty() {
-            String::new()
-        } else {
-            format!(
-                "FIRST 1 ({})",
-                names
-                    .iter()
-                    .map(|n| format!("\"{n}\""))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        };
-        if status.synchronous_standby_names == wanted {
-            return;
-        }
-        let node = &topology.nodes[primary].spec;
-        let result = NodeSql {
-            node,
-            monitor: &self.monitor,
-        }
-        .set_synchronous_standby_names(&wanted)
-        .await;
-        let detail = match result {
-            Ok(()) => format!("synchronous_standby_names = '{wanted}'"),
-            Err(e) => format!("could not set synchronous_standby_names: {e}"),
-        };
-        self.events
-            .record(term, "synchronous", Some(&node.name), detail);
     }
 }

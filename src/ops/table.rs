@@ -78,6 +78,19 @@ pub fn render(s: &ClusterStatus) -> String {
     if let Some(reason) = &s.writes_blocked {
         let _ = writeln!(out, "Writes blocked: {reason}");
     }
+    if let Some(standby) = &s.synchronous_standby {
+        let _ = writeln!(
+            out,
+            "Synchronous standby: {standby} (recorded with the voters; the only failover target)"
+        );
+    }
+    if !s.unmatched_standbys.is_empty() {
+        let _ = writeln!(
+            out,
+            "Standbys under unknown names: {} (application_name matches no --node: never synchronous, never promoted)",
+            s.unmatched_standbys.join(", ")
+        );
+    }
     if let Some(paused) = s.failover_paused {
         let _ = writeln!(
             out,
