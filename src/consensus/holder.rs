@@ -250,6 +250,41 @@ fn lease_wait(reply: &VoteResponse, revoked: &std::collections::BTreeSet<&str>) 
 mod tests {
     use super::*;
 
+    fn seen(term: u64, epoch: u64, standby: Option<&str>) -> SyncSeen {
+        SyncSeen {
+            term,
+            epoch,
+            standby: standby.map(Into::into),
+            conflict: false,
+        }
+    }
+
+    /// The newest record wins; two standbys at the newest epoch (a late
+    /// write of a coordinator that lost its lock reached some voter) make
+    /// the standby unknown, so no failover promotes either.
+    #[test]
+    fn the_newest_synchronous_record_decides_and_a_tie_blocks() {
+        let newest = [
+            seen(1, 2, Some("n2")),
+            seen(1, 3, None),
+            seen(0, 9, Some("n3")),
+        ]
+        .into_iter()
+        .fold(SyncSeen::default(), SyncSeen::newest);
+        assert_eq!(newest, seen(1, 3, None));
+        assert!(newest.standby_of(1).is_err());
+        let agreed = seen(1, 4, Some("n2")).newest(seen(1, 4, Some("n2")));
+        assert_eq!(agreed.standby_of(1), Ok("n2"));
+        assert!(agreed.standby_of(2).is_err(), "another term's standby");
+        let tie = seen(1, 4, Some("n2")).newest(seen(1, 4, None));
+        let e = tie.standby_of(1).expect_err("conflict");
+        assert!(e.contains("disagree"), "{e}");
+        assert!(
+            tie.newest(seen(1, 5, Some("n3"))).standby_of(1) == Ok("n3"),
+            "a newer record settles it"
+        );
+    }
+
     fn reply(voter: &str, leases: &[(&str, u64)], revoked: bool) -> Result<VoteResponse, String> {
         Ok(VoteResponse {
             voter: voter.into(),

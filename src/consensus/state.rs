@@ -561,4 +561,56 @@ mod tests {
             "on disk first"
         );
     }
+
+    /// The synchronous standby: recorded only in the current term, only
+    /// at a newer epoch, never while a vote for a newer term is held (a
+    /// candidate read the standby from that vote), and reset by a new term.
+    #[test]
+    fn the_synchronous_standby_is_recorded_only_at_a_newer_epoch_of_the_term() {
+        let timing = Timing::new(Duration::from_secs(4));
+        let mut w = VoterState::start("w1".into(), timing, record(), at(0));
+        let sync = |term, epoch, standby: &str| SyncRequest {
+            term,
+            epoch,
+            standby: Some(standby.into()),
+        };
+        let ok = &mut |_: &VoterRecord| Ok(());
+        let e = w
+            .record_sync(&sync(2, 1, "n2"), at(10), ok)
+            .expect_err("term");
+        assert!(e.contains("current term is 1"), "{e}");
+        let r = w.record_sync(&sync(1, 1, "n2"), at(20), ok).expect("first");
+        assert_eq!((r.sync_epoch, r.sync_standby.as_deref()), (1, Some("n2")));
+        let e = w
+            .record_sync(&sync(1, 1, "n3"), at(30), ok)
+            .expect_err("same epoch");
+        assert!(e.contains("not after 1"), "{e}");
+        w.record_sync(&sync(1, 2, "n3"), at(40), ok).expect("newer");
+
+        let vote = VoteRequest {
+            term: 2,
+            candidate: "p1".into(),
+            old_primary: Some("n1".into()),
+            new_primary: "n3".into(),
+            reason: ElectionReason::Failover,
+        };
+        assert!(w.vote(&vote, &view(), at(1_000), ok).granted);
+        let e = w
+            .record_sync(&sync(1, 3, "n2"), at(1_100), ok)
+            .expect_err("vote held");
+        assert!(e.contains("newer term 2"), "{e}");
+        assert_eq!(w.record.sync_standby.as_deref(), Some("n3"), "as voted");
+
+        let publish = PublishRequest {
+            term: 2,
+            primary: "n3".into(),
+            timeline: Some(2),
+        };
+        let r = w.publish(&publish, ok).expect("publish");
+        assert_eq!(
+            (r.sync_epoch, r.sync_standby),
+            (0, None),
+            "a new term starts with none"
+        );
+    }
 }

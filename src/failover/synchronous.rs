@@ -362,3 +362,96 @@ impl Coordinator {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::NodeSpec;
+    use crate::monitor::Replica;
+    use crate::topology::{NodeHealth, NodeState};
+
+    fn topology() -> Topology {
+        Topology {
+            version: 0,
+            term: 1,
+            primary: Some(0),
+            blocked: None,
+            holding: false,
+            lease_until: None,
+            nodes: NodeSpec::named(&["n1", "n2", "n3"])
+                .into_iter()
+                .map(|spec| NodeState {
+                    spec,
+                    health: NodeHealth::Standby,
+                })
+                .collect(),
+        }
+    }
+
+    fn primary_streaming_to(names: &[&str]) -> NodeStatus {
+        NodeStatus {
+            replicas: names
+                .iter()
+                .map(|n| Replica {
+                    name: (*n).into(),
+                    state: "streaming".into(),
+                    sync_state: "async".into(),
+                    flush_lsn: Some(1),
+                })
+                .collect(),
+            ..NodeStatus::default()
+        }
+    }
+
+    fn want(setting: &str, standby: Option<&str>) -> Target {
+        Target {
+            setting: setting.into(),
+            standby: standby.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn the_recorded_standby_stays_while_it_streams() {
+        let t = topology();
+        let both = primary_streaming_to(&["n2", "n3"]);
+        assert_eq!(
+            target(&t, 0, &both, Some("n3"), false),
+            want("\"n3\"", Some("n3"))
+        );
+        assert_eq!(
+            target(&t, 0, &both, None, false),
+            want("\"n2\"", Some("n2"))
+        );
+        let only_n3 = primary_streaming_to(&["n3"]);
+        assert_eq!(
+            target(&t, 0, &only_n3, Some("n2"), false),
+            want("\"n3\"", Some("n3"))
+        );
+    }
+
+    #[test]
+    fn with_no_standby_streaming_strict_waits_and_the_default_goes_asynchronous() {
+        let t = topology();
+        let none = primary_streaming_to(&[]);
+        assert_eq!(
+            target(&t, 0, &none, Some("n2"), true),
+            want("\"n2\"", Some("n2"))
+        );
+        assert_eq!(
+            target(&t, 0, &none, None, true),
+            want("FIRST 1 (\"n2\", \"n3\")", None)
+        );
+        assert_eq!(target(&t, 0, &none, Some("n2"), false), want("", None));
+    }
+
+    #[test]
+    fn old_settings_name_the_wal_senders_to_stop() {
+        let names = ["n1", "n2", "n3"];
+        assert_eq!(
+            named_in("FIRST 1 (\"n2\", \"n3\")", names.into_iter()),
+            ["n2", "n3"]
+        );
+        assert_eq!(named_in("", names.into_iter()), Vec::<String>::new());
+        assert_eq!(named_in("*", names.into_iter()), ["n1", "n2", "n3"]);
+    }
+}
