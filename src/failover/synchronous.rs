@@ -195,7 +195,7 @@ impl Coordinator {
             // majority, makes any late write of a coordinator that lost the
             // lock lose to it (or tie with it, which blocks failover).
             recorded = self.record_synchronous(term, recorded.0 + 1, None).await?;
-            done.push("no synchronous standby recorded".to_owned());
+            done.push("failover target cleared while the standby changes".to_owned());
             self.switch_setting(sql, &session, topology, target, [in_file, loaded])
                 .await?;
             done.push(format!("synchronous_standby_names = '{}'", target.setting));

@@ -740,6 +740,93 @@ async fn synchronous_mode_loses_no_acknowledged_commit_on_kill9() {
     println!("failover event: {}", failover["detail"]);
 }
 
+/// The synchronous standby changes (n2 stops replicating, n3 takes over)
+/// and the primary dies before the proxy probes it again. The candidate
+/// used to come from that last probe (n2 "sync"), and n2, a healthy
+/// standby missing every commit n3 acknowledged since, was promoted.
+/// Now the standby recorded with the voters decides (issue 10, defect 7).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn synchronous_mode_promotes_the_standby_that_acknowledged_not_one_a_stale_probe_names() {
+    // Probes far apart: the primary dies between two of them.
+    let c = DataCluster::start(
+        PgCluster::primary_with_standbys(2),
+        &["--synchronous", "--monitor-interval", "5s"],
+    );
+    let t1 = c.wait_routing("n1", 0).await;
+    let primary = &c.cluster.primary;
+    let sync_standby = || {
+        primary
+            .try_psql("SELECT application_name FROM pg_stat_replication WHERE sync_state = 'sync'")
+            .unwrap_or_default()
+    };
+    wait_for("n2 is n1's synchronous standby", DEADLINE, || {
+        sync_standby() == "n2"
+    })
+    .await;
+    create_ledger(&c.dsn()).await;
+    // Let the proxy probe n1 with n2 synchronous (and record n2).
+    tokio::time::sleep(Duration::from_secs(6)).await;
+
+    // n2 stays a healthy standby but stops replicating: its walreceiver
+    // now dials a closed port.
+    let n2 = c.cluster.node("n2");
+    let conninfo = n2.psql("SHOW primary_conninfo");
+    let port = primary.port().to_string();
+    let nowhere = conninfo.replace(&format!("port={port}"), "port=1");
+    assert_ne!(
+        nowhere, conninfo,
+        "primary_conninfo names port {port}: {conninfo}"
+    );
+    n2.psql(&format!(
+        "ALTER SYSTEM SET primary_conninfo = '{}'",
+        nowhere.replace('\'', "''")
+    ));
+    n2.psql("SELECT pg_reload_conf()");
+    wait_for("n2 no longer replicates from n1", DEADLINE, || {
+        primary
+            .try_psql("SELECT count(*) FROM pg_stat_replication WHERE application_name = 'n2'")
+            .is_ok_and(|n| n == "0")
+    })
+    .await;
+
+    let writers = Writers::start(&c.dsn(), 8);
+    let cut = Instant::now();
+    wait_for("50 commits acknowledged after n2 stopped", DEADLINE, || {
+        writers.ledger.acked_count() >= 50
+    })
+    .await;
+    println!(
+        "50 commits acknowledged {:?} after n2 stopped replicating (synchronous standby now: {:?})",
+        cut.elapsed(),
+        sync_standby()
+    );
+    primary.kill9();
+    let new = c.wait_for_new_primary("n1", t1).await;
+    let ledger = writers.stop().await;
+    let present = ledger_ids(c.cluster.node(&new)).await;
+    let acked = ledger.acked();
+    let missing: Vec<&i64> = acked.difference(&present).collect();
+    println!(
+        "{} commits acknowledged, {} missing on the new primary {new}",
+        acked.len(),
+        missing.len()
+    );
+    assert!(
+        missing.is_empty(),
+        "{new} was promoted without {} acknowledged commits: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(20)]
+    );
+    assert_eq!(new, "n3", "n2 had stopped replicating");
+    for e in c.events().iter().filter(|e| {
+        e["kind"]
+            .as_str()
+            .is_some_and(|k| k.starts_with("synchronous"))
+    }) {
+        println!("{} {} {}", e["kind"], e["node"], e["detail"]);
+    }
+}
+
 // ---------------------------------------------------------------------------
 // 4. Asynchronous mode: the reported WAL gap owns up to what was lost.
 

@@ -162,12 +162,10 @@ fn spawn(log_path: &Path, port: u16, nodes: &[(&str, String)], extra_args: &[&st
     for (name, address) in nodes {
         cmd.arg("--node").arg(format!("{name}={address}"));
     }
-    cmd.args([
-        "--monitor-user",
-        MONITOR.name,
-        "--monitor-interval",
-        "200ms",
-    ]);
+    cmd.args(["--monitor-user", MONITOR.name]);
+    if !extra_args.contains(&"--monitor-interval") {
+        cmd.args(["--monitor-interval", "200ms"]);
+    }
     // clap refuses a flag given twice: extra_args may override the default.
     if !extra_args.contains(&"--hold-timeout") {
         cmd.args(["--hold-timeout", "10s"]);
