@@ -211,7 +211,8 @@ pub async fn run_proxy(config: ProxyConfig, reload: Reload) -> anyhow::Result<()
         Arc::clone(&member.topology),
         Arc::clone(&member.metrics),
         sessions,
-    );
+    )
+    .context("cannot set up client authentication")?;
     info!(listen = %proxy.config.listen, nodes = proxy.config.nodes.len(), "pgfailover proxy started");
     let accepting = CancellationToken::new();
     let sessions = TaskTracker::new();

@@ -143,6 +143,21 @@ pub enum TlsMode {
 pub struct ClientTls {
     pub mode: TlsMode,
     pub acceptor: Option<tokio_rustls::TlsAcceptor>,
+    /// SCRAM channel binding data (`tls-server-end-point`) of the
+    /// proxy's certificate, for clients whose TLS ends at the proxy.
+    pub end_point: Option<Vec<u8>>,
+}
+
+/// How clients authenticate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// Relayed to the node, untouched.
+    PassThrough,
+    /// At the proxy, against a user list or an auth query.
+    Proxy {
+        user_list: Option<PathBuf>,
+        auth_query: Option<String>,
+    },
 }
 
 impl std::fmt::Debug for ClientTls {
@@ -178,6 +193,7 @@ pub struct ProxyConfig {
     pub connect_timeout: Duration,
     pub max_client_connections: usize,
     pub shutdown_timeout: Duration,
+    pub client_auth: ClientAuth,
 }
 
 /// Validated witness configuration.
@@ -223,8 +239,10 @@ impl ProxyConfig {
             o.tls_key.as_deref(),
             o.tls_mode.as_deref(),
         )?;
+        let client_auth = client_auth(o.client_auth.as_deref(), o.auth_file, o.auth_query)?;
         Ok(Self {
             tls,
+            client_auth,
             listen: parse_addr("--listen", o.listen.as_deref().unwrap_or("0.0.0.0:6432"))?,
             nodes: monitor.nodes.clone(),
             monitor: Arc::new(monitor),
@@ -259,6 +277,46 @@ impl WitnessConfig {
     }
 }
 
+fn client_auth(
+    mode: Option<&str>,
+    user_list: Option<PathBuf>,
+    auth_query: Option<String>,
+) -> Result<ClientAuth, ConfigError> {
+    match mode.unwrap_or("passthrough") {
+        "passthrough" if user_list.is_some() || auth_query.is_some() => Err(invalid(
+            "--auth-file and --auth-query need --client-auth proxy",
+        )),
+        "passthrough" => Ok(ClientAuth::PassThrough),
+        "proxy" if user_list.is_some() && auth_query.is_some() => Err(invalid(
+            "--auth-file and --auth-query: give one (the user list, or the query on the cluster)",
+        )),
+        "proxy" => {
+            if let Some(path) = &user_list {
+                crate::auth::source::read_user_list(path).map_err(|e| invalid(e.to_string()))?;
+            }
+            Ok(ClientAuth::Proxy {
+                user_list,
+                auth_query,
+            })
+        }
+        other => Err(invalid(format!(
+            "--client-auth {other:?}: expected passthrough or proxy"
+        ))),
+    }
+}
+
+/// `tls-server-end-point` data of the first certificate in `cert`.
+fn end_point(cert: &Path) -> Result<Vec<u8>, ConfigError> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let first = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| invalid(format!("--tls-cert {}: {e}", cert.display())))?
+        .next()
+        .ok_or_else(|| invalid(format!("--tls-cert {}: no certificate", cert.display())))?
+        .map_err(|e| invalid(format!("--tls-cert {}: {e}", cert.display())))?;
+    Ok(crate::auth::scram::tls_server_end_point(&first))
+}
+
 fn client_tls(
     cert: Option<&Path>,
     key: Option<&Path>,
@@ -286,7 +344,15 @@ fn client_tls(
             )));
         }
     };
-    Ok(ClientTls { mode, acceptor })
+    let end_point = match (cert, &acceptor) {
+        (Some(cert), Some(_)) => Some(end_point(cert)?),
+        _ => None,
+    };
+    Ok(ClientTls {
+        mode,
+        acceptor,
+        end_point,
+    })
 }
 
 fn backend_tls(mode: Option<&str>, ca: Option<&Path>) -> Result<Option<BackendTls>, ConfigError> {

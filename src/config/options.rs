@@ -156,6 +156,20 @@ pub struct ProxyOptions {
     /// How long a switchover lets open transactions finish [default: 10s].
     #[arg(long, env = "PGFAILOVER_DRAIN_TIMEOUT")]
     pub drain_timeout: Option<String>,
+    /// `passthrough` relays each client's authentication to its node;
+    /// `proxy` authenticates clients at the proxy (SCRAM-SHA-256, md5)
+    /// and logs in to nodes on their behalf [default: passthrough].
+    #[arg(long, env = "PGFAILOVER_CLIENT_AUTH")]
+    pub client_auth: Option<String>,
+    /// With --client-auth proxy: a PgBouncer-style user list
+    /// (`"user" "SCRAM-SHA-256$..."`, md5 hash, or password; `""` trusts).
+    #[arg(long, env = "PGFAILOVER_AUTH_FILE")]
+    pub auth_file: Option<PathBuf>,
+    /// With --client-auth proxy and no --auth-file: the query, run as the
+    /// monitor user, whose second column is the user's stored password
+    /// [default: SELECT rolname, rolpassword FROM pg_authid WHERE rolname = $1 AND rolcanlogin].
+    #[arg(long, env = "PGFAILOVER_AUTH_QUERY")]
+    pub auth_query: Option<String>,
 }
 
 impl ProxyOptions {
@@ -172,6 +186,9 @@ impl ProxyOptions {
             shutdown_timeout: self.shutdown_timeout.or(file.shutdown_timeout),
             failover: self.failover.or(file.failover),
             max_lag_on_failover: self.max_lag_on_failover.or(file.max_lag_on_failover),
+            client_auth: self.client_auth.or(file.client_auth),
+            auth_file: self.auth_file.or(file.auth_file),
+            auth_query: self.auth_query.or(file.auth_query),
             synchronous: self.synchronous.or(file.synchronous),
             synchronous_strict: self.synchronous_strict.or(file.synchronous_strict),
             tls_cert: self.tls_cert.or(file.tls_cert),

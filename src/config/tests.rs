@@ -122,3 +122,27 @@ fn flags_win_over_the_file_and_unknown_keys_are_errors() {
     std::fs::remove_dir_all(&dir).ok();
     assert!(e.contains("lisen"), "{e}");
 }
+
+#[test]
+fn client_auth_is_passthrough_unless_asked_and_its_sources_are_checked() {
+    let c = resolve(options(&["n1=h:1"])).expect("valid");
+    assert_eq!(c.client_auth, ClientAuth::PassThrough);
+    let mut o = options(&["n1=h:1"]);
+    o.auth_query = Some("SELECT 1, 2".into());
+    let e = resolve(o.clone()).expect_err("query without proxy auth").to_string();
+    assert!(e.contains("--client-auth proxy"), "{e}");
+    o.client_auth = Some("proxy".into());
+    assert!(matches!(
+        resolve(o.clone()).expect("valid").client_auth,
+        ClientAuth::Proxy { auth_query: Some(_), .. }
+    ));
+    o.auth_file = Some("/nonexistent/userlist.txt".into());
+    let e = resolve(o.clone()).expect_err("both").to_string();
+    assert!(e.contains("give one"), "{e}");
+    o.auth_query = None;
+    let e = resolve(o.clone()).expect_err("missing file").to_string();
+    assert!(e.contains("/nonexistent/userlist.txt"), "{e}");
+    o.client_auth = Some("scram".into());
+    let e = resolve(o).expect_err("unknown mode").to_string();
+    assert!(e.contains("expected passthrough or proxy"), "{e}");
+}

@@ -14,6 +14,8 @@ pub mod sqlstate {
     pub const PROTOCOL_VIOLATION: &str = "08P01";
     /// `invalid_authorization_specification`: a startup we refuse.
     pub const INVALID_AUTHORIZATION: &str = "28000";
+    /// `invalid_password`: authentication at the proxy failed.
+    pub const INVALID_PASSWORD: &str = "28P01";
     /// `feature_not_supported`: e.g. an unknown protocol major version.
     pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
     /// `connection_failure`: the backend went away under the session.

@@ -11,6 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::cancel_map::{CancelMap, CancelRegistration, CancelTarget};
 use super::client::ClientConn;
 use super::error::SessionError;
+use super::node_login::{NodeLogin, Step};
 use super::tls::PgStream;
 use crate::config::NodeSpec;
 use crate::protocol::TransactionStatus;
@@ -77,11 +78,14 @@ impl BackendConn {
         Ok(())
     }
 
-    /// Relays the authentication exchange after `send_startup`.
+    /// Relays the authentication exchange after `send_startup`, or, when
+    /// the proxy authenticated the client itself (`login`), answers the
+    /// node on the client's behalf.
     pub async fn authenticate(
         mut self,
         client: &mut ClientConn,
         cancel_map: &Arc<CancelMap>,
+        mut login: Option<NodeLogin>,
     ) -> Result<ReadyBackend, SessionError> {
         let mut out = BytesMut::with_capacity(1024);
         let mut cancel = None;
@@ -95,6 +99,13 @@ impl BackendConn {
                 }
             };
             match frame.tag {
+                b'R' if login.is_some() => {
+                    if let Some(Step::Answer(answer)) =
+                        login.as_mut().map(|l| l.step(&frame)).transpose()?
+                    {
+                        self.write(&answer).await?;
+                    }
+                }
                 b'R' => {
                     if auth_code(&frame) == Some(AUTH_SASL) {
                         // Channel binding cannot cross the proxy: the

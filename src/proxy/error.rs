@@ -48,6 +48,19 @@ pub enum SessionError {
     /// its own ErrorResponse has already been relayed to the client.
     #[error("backend refused the session")]
     BackendRefused,
+    /// The client failed authentication at the proxy.
+    #[error("password authentication failed for user {0:?}")]
+    AuthFailed(String),
+    /// The proxy could not log in to the node as the client's user.
+    #[error("cannot log in to {node} as {user:?}: {reason}")]
+    NodeLogin {
+        node: String,
+        user: String,
+        reason: String,
+    },
+    /// The user's secret could not be looked up (auth_query failed).
+    #[error("cannot look up the password of {user:?}: {reason}")]
+    AuthLookup { user: String, reason: String },
 }
 
 impl SessionError {
@@ -66,6 +79,9 @@ impl SessionError {
             Self::RouteGone(_) => "route_gone",
             Self::BackendProtocol { .. } => "backend_protocol",
             Self::BackendRefused => "backend_refused",
+            Self::AuthFailed(_) => "auth_failed",
+            Self::NodeLogin { .. } => "node_login",
+            Self::AuthLookup { .. } => "auth_lookup",
         }
     }
 
@@ -79,7 +95,7 @@ impl SessionError {
     pub fn is_rejection(&self) -> bool {
         matches!(
             self,
-            Self::TooManyConnections(_) | Self::NoRoute(_) | Self::Refused(_)
+            Self::TooManyConnections(_) | Self::NoRoute(_) | Self::Refused(_) | Self::AuthFailed(_)
         )
     }
 
@@ -121,6 +137,19 @@ impl SessionError {
             Self::BackendTimeout { node, waited } => ProxyError::fatal(
                 sqlstate::CONNECTION_FAILURE,
                 format!("PostgreSQL node {node} did not answer the startup within {waited:?}"),
+            ),
+            Self::AuthFailed(user) => ProxyError::fatal(
+                sqlstate::INVALID_PASSWORD,
+                format!("password authentication failed for user \"{user}\""),
+            ),
+            Self::NodeLogin { node, user, reason } => ProxyError::fatal(
+                sqlstate::INVALID_AUTHORIZATION,
+                format!("pgfailover cannot log in to PostgreSQL node {node} as \"{user}\""),
+            )
+            .with_detail(reason.clone()),
+            Self::AuthLookup { user, .. } => ProxyError::fatal(
+                sqlstate::CANNOT_CONNECT_NOW,
+                format!("pgfailover cannot look up the password of \"{user}\" right now"),
             ),
             Self::BackendIo { node, .. }
             | Self::BackendClosed { node }

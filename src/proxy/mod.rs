@@ -3,8 +3,10 @@
 mod backend;
 mod cancel_map;
 mod client;
+mod client_auth;
 mod error;
 mod handshake;
+mod node_login;
 mod relay;
 mod route;
 mod session;
@@ -28,7 +30,8 @@ use session::Admission;
 pub use sessions::{NodeSessions, Sessions};
 pub use tls::{backend_connector as backend_tls_connector, load_acceptor as load_tls_acceptor};
 
-use crate::config::ProxyConfig;
+use crate::auth::{AuthSource, SourceError};
+use crate::config::{ClientAuth, ProxyConfig};
 use crate::metrics::Metrics;
 use crate::topology::TopologyStore;
 use prometheus::IntCounter;
@@ -67,6 +70,8 @@ pub struct Proxy {
     pub metrics: Arc<Metrics>,
     /// Live sessions, shared with the coordinator (switchover drains them).
     pub sessions: Arc<Sessions>,
+    /// Where users' secrets come from, with `--client-auth proxy`.
+    pub auth: Option<AuthSource>,
     limits: ArcSwap<SessionLimits>,
     /// Relay byte counters, looked up once instead of per chunk.
     bytes_to_server: IntCounter,
@@ -83,9 +88,21 @@ impl Proxy {
         topology: Arc<TopologyStore>,
         metrics: Arc<Metrics>,
         sessions: Arc<Sessions>,
-    ) -> Arc<Self> {
+    ) -> Result<Arc<Self>, SourceError> {
         let relayed = |direction: &str| metrics.relayed_bytes.with_label_values(&[direction]);
-        Arc::new(Self {
+        let auth = match &config.client_auth {
+            ClientAuth::PassThrough => None,
+            ClientAuth::Proxy {
+                user_list,
+                auth_query,
+            } => Some(AuthSource::new(
+                user_list.as_deref(),
+                auth_query.clone(),
+                Arc::clone(&config.monitor),
+            )?),
+        };
+        Ok(Arc::new(Self {
+            auth,
             limits: ArcSwap::from_pointee(SessionLimits::of(&config)),
             sessions,
             bytes_to_server: relayed("client_to_server"),
@@ -97,7 +114,7 @@ impl Proxy {
             topology,
             cancel_map: Arc::new(CancelMap::default()),
             next_session: AtomicU64::new(1),
-        })
+        }))
     }
 
     /// The timeouts for a session starting now.

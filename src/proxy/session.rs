@@ -12,12 +12,16 @@ use tracing::{Instrument, Span, debug, field, info, info_span, warn};
 use super::backend::{BackendConn, ReadyBackend};
 use super::cancel_map::send_cancel;
 use super::client::ClientConn;
+use super::client_auth::authenticate_client;
 use super::error::SessionError;
 use super::handshake::{ClientRequest, negotiate};
+use super::node_login::NodeLogin;
 use super::relay::{Downstream, RelayEnd, RelayState, relay};
 use super::route::{connect_writable, route_gone};
 use super::sessions::Registration;
 use super::{Proxy, SessionLimits};
+use crate::auth::scram::ServerBinding;
+use crate::auth::{AuthSource, Credentials};
 use crate::protocol::error_response::{ProxyError, sqlstate};
 use crate::protocol::startup::StartupMessage;
 
@@ -86,6 +90,17 @@ async fn prepare(
     let span = Span::current();
     span.record("user", startup.user());
     span.record("database", startup.database());
+    let credentials = match &proxy.auth {
+        Some(auth) => {
+            let authenticated = authenticate_at_proxy(proxy, auth, client, &startup);
+            Some(
+                timeout(startup_timeout, authenticated)
+                    .await
+                    .map_err(|_| SessionError::StartupTimeout(startup_timeout))??,
+            )
+        }
+        None => None,
+    };
 
     let deadline = Instant::now() + limits.hold_timeout;
     let (backend, registration) =
@@ -95,13 +110,56 @@ async fn prepare(
     let term = backend.term();
     // A switchover or failover during the authentication exchange closes
     // this session like every other on the old primary: with 57P01.
+    let login = credentials.map(|c| NodeLogin::new(startup.user(), &node, c));
     tokio::select! {
-        authenticated = timeout(startup_timeout, backend.authenticate(client, &proxy.cancel_map)) => {
-            let ready = authenticated.map_err(|_| SessionError::BackendTimeout { node, waited: startup_timeout })??;
-            Ok((ready, registration))
+        authenticated = timeout(startup_timeout, backend.authenticate(client, &proxy.cancel_map, login)) => {
+            let ready = authenticated.map_err(|_| SessionError::BackendTimeout { node, waited: startup_timeout })?;
+            if let (Err(SessionError::BackendRefused | SessionError::NodeLogin { .. }), Some(auth)) = (&ready, &proxy.auth) {
+                // The node turned down the proxy's login: the cached
+                // secret may be stale (a changed password).
+                auth.forget(startup.user());
+            }
+            Ok((ready?, registration))
         }
         reason = route_gone(&proxy.topology, term, &node) => Err(SessionError::RouteGone(reason)),
     }
+}
+
+/// `--client-auth proxy`: looks the user's secret up (asking the routed
+/// primary first, any node holds the same `pg_authid`) and authenticates
+/// the client against it.
+async fn authenticate_at_proxy(
+    proxy: &Proxy,
+    auth: &AuthSource,
+    client: &mut ClientConn,
+    startup: &StartupMessage,
+) -> Result<Credentials, SessionError> {
+    let user = startup.user();
+    let topology = proxy.topology.load();
+    let mut nodes: Vec<_> = topology.nodes.iter().map(|n| Arc::clone(&n.spec)).collect();
+    if let Some(primary) = topology.primary {
+        nodes.swap(0, primary);
+    }
+    let secret = auth
+        .lookup(user, &nodes)
+        .await
+        .map_err(|e| SessionError::AuthLookup {
+            user: user.to_owned(),
+            reason: e.to_string(),
+        })?;
+    let binding = ServerBinding {
+        tls_server_end_point: proxy
+            .config
+            .tls
+            .end_point
+            .clone()
+            .filter(|_| client.is_tls()),
+    };
+    let result = authenticate_client(client, user, secret, &binding).await;
+    if let Err(SessionError::AuthFailed(_)) = &result {
+        auth.forget(user);
+    }
+    result
 }
 
 /// Routes the session and sends its startup until a node answers. A node

@@ -99,6 +99,38 @@ fn psql_connects_with_sslmode_require_and_verify_full() {
     );
 }
 
+/// With authentication at the proxy, a client's TLS ends where its SCRAM
+/// does: the proxy offers SCRAM-SHA-256-PLUS bound to its own certificate,
+/// so libpq's `channel_binding=require` (which refuses anything else)
+/// logs in. Pass-through cannot offer it (the test above).
+#[test]
+fn proxy_auth_binds_scram_to_the_proxys_tls() {
+    let pki = Pki::new();
+    let proxied = start(&pki, &["--client-auth", "proxy"]);
+    let dsn = proxied.dsn(SCRAM_USER.name, SCRAM_USER.password, APP_DB);
+    let out = psql(
+        &format!("{dsn} sslmode=require channel_binding=require"),
+        &["-c", "SELECT current_user"],
+    );
+    assert!(
+        out.status.success(),
+        "channel_binding=require: {}",
+        stderr(&out)
+    );
+    assert_eq!(stdout(&out).trim(), SCRAM_USER.name);
+    let wrong = proxied.dsn(SCRAM_USER.name, "wrong", APP_DB);
+    let out = psql(
+        &format!("{wrong} sslmode=require channel_binding=require"),
+        &["-c", "SELECT 1"],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("password authentication failed for user \"scram_user\""),
+        "{}",
+        stderr(&out)
+    );
+}
+
 #[test]
 fn tls_mode_require_refuses_plaintext_clients() {
     let pki = Pki::new();
