@@ -16,6 +16,10 @@ pub struct Metrics {
     pub sessions_total: IntCounter,
     pub sessions_held: IntGauge,
     pub sessions_closed_by_failover: IntCounter,
+    /// Sessions served by a kept server connection (no fork on the node).
+    pub pool_reused: IntCounter,
+    /// Server connections kept for reuse, per node.
+    pub pooled: prometheus::IntGaugeVec,
     pub backend_connect_seconds: Histogram,
     pub relayed_bytes: IntCounterVec,
     pub protocol_errors: IntCounterVec,
@@ -57,6 +61,17 @@ impl Metrics {
                 "pgfailover_sessions_closed_by_failover_total",
                 "Sessions closed with 57P01 because their primary changed",
             ))?,
+            pool_reused: IntCounter::with_opts(opts(
+                "pgfailover_server_connections_reused_total",
+                "Client sessions served by a pooled server connection (--client-auth proxy)",
+            ))?,
+            pooled: prometheus::IntGaugeVec::new(
+                opts(
+                    "pgfailover_pooled_server_connections",
+                    "Server connections kept for the next client, per node",
+                ),
+                &["node"],
+            )?,
             backend_connect_seconds: Histogram::with_opts(
                 HistogramOpts::new(
                     "pgfailover_backend_connect_seconds",
@@ -142,6 +157,8 @@ impl Metrics {
         r.register(Box::new(self.sessions_total.clone()))?;
         r.register(Box::new(self.sessions_held.clone()))?;
         r.register(Box::new(self.sessions_closed_by_failover.clone()))?;
+        r.register(Box::new(self.pool_reused.clone()))?;
+        r.register(Box::new(self.pooled.clone()))?;
         r.register(Box::new(self.backend_connect_seconds.clone()))?;
         r.register(Box::new(self.relayed_bytes.clone()))?;
         r.register(Box::new(self.protocol_errors.clone()))?;

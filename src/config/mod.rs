@@ -194,6 +194,8 @@ pub struct ProxyConfig {
     pub max_client_connections: usize,
     pub shutdown_timeout: Duration,
     pub client_auth: ClientAuth,
+    /// Server connections kept per (node, startup packet); 0 keeps none.
+    pub server_pool_size: usize,
 }
 
 /// Validated witness configuration.
@@ -240,9 +242,15 @@ impl ProxyConfig {
             o.tls_mode.as_deref(),
         )?;
         let client_auth = client_auth(o.client_auth.as_deref(), o.auth_file, o.auth_query)?;
+        if o.server_pool_size.is_some() && client_auth == ClientAuth::PassThrough {
+            return Err(invalid(
+                "--server-pool-size needs --client-auth proxy (only then can the proxy greet the next client itself)",
+            ));
+        }
         Ok(Self {
             tls,
             client_auth,
+            server_pool_size: o.server_pool_size.unwrap_or(20),
             listen: parse_addr("--listen", o.listen.as_deref().unwrap_or("0.0.0.0:6432"))?,
             nodes: monitor.nodes.clone(),
             monitor: Arc::new(monitor),

@@ -170,6 +170,11 @@ pub struct ProxyOptions {
     /// [default: SELECT rolname, rolpassword FROM pg_authid WHERE rolname = $1 AND rolcanlogin].
     #[arg(long, env = "PGFAILOVER_AUTH_QUERY")]
     pub auth_query: Option<String>,
+    /// With --client-auth proxy: server connections kept per (node,
+    /// startup packet) after their client leaves, reset for the next one;
+    /// 0 closes them [default: 20].
+    #[arg(long, env = "PGFAILOVER_SERVER_POOL_SIZE")]
+    pub server_pool_size: Option<usize>,
 }
 
 impl ProxyOptions {
@@ -189,6 +194,7 @@ impl ProxyOptions {
             client_auth: self.client_auth.or(file.client_auth),
             auth_file: self.auth_file.or(file.auth_file),
             auth_query: self.auth_query.or(file.auth_query),
+            server_pool_size: self.server_pool_size.or(file.server_pool_size),
             synchronous: self.synchronous.or(file.synchronous),
             synchronous_strict: self.synchronous_strict.or(file.synchronous_strict),
             tls_cert: self.tls_cert.or(file.tls_cert),

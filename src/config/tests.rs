@@ -129,12 +129,17 @@ fn client_auth_is_passthrough_unless_asked_and_its_sources_are_checked() {
     assert_eq!(c.client_auth, ClientAuth::PassThrough);
     let mut o = options(&["n1=h:1"]);
     o.auth_query = Some("SELECT 1, 2".into());
-    let e = resolve(o.clone()).expect_err("query without proxy auth").to_string();
+    let e = resolve(o.clone())
+        .expect_err("query without proxy auth")
+        .to_string();
     assert!(e.contains("--client-auth proxy"), "{e}");
     o.client_auth = Some("proxy".into());
     assert!(matches!(
         resolve(o.clone()).expect("valid").client_auth,
-        ClientAuth::Proxy { auth_query: Some(_), .. }
+        ClientAuth::Proxy {
+            auth_query: Some(_),
+            ..
+        }
     ));
     o.auth_file = Some("/nonexistent/userlist.txt".into());
     let e = resolve(o.clone()).expect_err("both").to_string();

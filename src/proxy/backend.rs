@@ -48,6 +48,12 @@ pub struct ReadyBackend {
     pub pending: BytesMut,
     pub status: TransactionStatus,
     pub cancel: Option<CancelRegistration>,
+    /// The ParameterStatus messages of the login, kept when the proxy
+    /// logged in itself (a pooled connection's next client gets them).
+    pub parameters: BytesMut,
+    /// The client's startup packet, when the connection may be pooled
+    /// after the client leaves.
+    pub reuse_key: Option<bytes::Bytes>,
 }
 
 impl BackendConn {
@@ -89,6 +95,7 @@ impl BackendConn {
     ) -> Result<ReadyBackend, SessionError> {
         let mut out = BytesMut::with_capacity(1024);
         let mut cancel = None;
+        let mut parameters = BytesMut::new();
         loop {
             let frame = match self.next_frame()? {
                 Some(frame) => frame,
@@ -145,7 +152,13 @@ impl BackendConn {
                         pending: self.buf,
                         status,
                         cancel,
+                        parameters,
+                        reuse_key: None,
                     });
+                }
+                b'S' if login.is_some() => {
+                    parameters.extend_from_slice(&frame.bytes);
+                    out.extend_from_slice(&frame.bytes);
                 }
                 _ => out.extend_from_slice(&frame.bytes),
             }

@@ -7,6 +7,7 @@ mod client_auth;
 mod error;
 mod handshake;
 mod node_login;
+mod pool;
 mod relay;
 mod route;
 mod session;
@@ -72,6 +73,8 @@ pub struct Proxy {
     pub sessions: Arc<Sessions>,
     /// Where users' secrets come from, with `--client-auth proxy`.
     pub auth: Option<AuthSource>,
+    /// Server connections kept for the next client (`--client-auth proxy`).
+    pub pool: Option<pool::ServerPool>,
     limits: ArcSwap<SessionLimits>,
     /// Relay byte counters, looked up once instead of per chunk.
     bytes_to_server: IntCounter,
@@ -101,8 +104,11 @@ impl Proxy {
                 Arc::clone(&config.monitor),
             )?),
         };
+        let pool = (auth.is_some() && config.server_pool_size > 0)
+            .then(|| pool::ServerPool::new(config.server_pool_size));
         Ok(Arc::new(Self {
             auth,
+            pool,
             limits: ArcSwap::from_pointee(SessionLimits::of(&config)),
             sessions,
             bytes_to_server: relayed("client_to_server"),

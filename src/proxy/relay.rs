@@ -29,6 +29,10 @@ const ERROR_RESPONSE: u8 = b'E';
 pub enum RelayEnd {
     /// The client closed after sending Terminate.
     ClientTerminated,
+    /// The client sent Terminate between transactions and it was kept
+    /// from the node (`RelayState::keep_backend`): the node connection is
+    /// idle and whole, to be reset and reused.
+    ClientLeft,
     /// The client vanished without Terminate (crash, kill, network).
     ClientVanished,
     /// The backend closed or failed.
@@ -90,6 +94,9 @@ pub struct RelayState<'a> {
     pub gate: &'a Sessions,
     pub downstream: &'a mut Downstream,
     pub counters: ByteCounters<'a>,
+    /// A client's Terminate between transactions ends the relay instead
+    /// of reaching the node (its connection goes back to the pool).
+    pub keep_backend: bool,
 }
 
 /// Relays until either side ends or `evict` resolves. `*_pending` are
@@ -150,6 +157,7 @@ where
         gate,
         downstream,
         counters,
+        keep_backend,
     } = state;
     // Set once the client's Terminate went to the node: the node's close
     // that follows is the end of a normal goodbye, not a lost backend.
@@ -159,7 +167,7 @@ where
         backend.1,
         client_pending,
         (status, gate, lease, &said_goodbye),
-        counters.to_server,
+        (counters.to_server, keep_backend),
     );
     let down = backend_to_client(
         backend.0,
@@ -181,13 +189,21 @@ async fn client_to_backend(
     backend: &mut (impl AsyncWrite + Unpin),
     pending: BytesMut,
     (status, gate, lease, said_goodbye): (&SessionStatus, &Sessions, &LeaseGate, &AtomicBool),
-    counter: &IntCounter,
+    (counter, keep_backend): (&IntCounter, bool),
 ) -> RelayEnd {
     let mut tracker = BoundaryTracker::counting(REQUEST_TAGS);
     let mut buf = vec![0u8; RELAY_BUFFER];
     let mut next: &[u8] = &pending;
     let mut tracking = true;
     loop {
+        if keep_backend
+            && is_lone_terminate(next)
+            && tracking
+            && tracker.at_boundary()
+            && status.is_idle()
+        {
+            return RelayEnd::ClientLeft;
+        }
         if !next.is_empty() {
             // A switchover is draining: a session between transactions
             // starts nothing new until it is over (or is closed by it).
@@ -231,6 +247,11 @@ async fn client_to_backend(
         };
         next = &buf[..n];
     }
+}
+
+/// Exactly one Terminate message: a client leaving with nothing in flight.
+fn is_lone_terminate(bytes: &[u8]) -> bool {
+    bytes == [TERMINATE, 0, 0, 0, 4]
 }
 
 async fn backend_to_client(

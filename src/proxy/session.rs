@@ -10,26 +10,33 @@ use tokio::time::{Instant, timeout};
 use tracing::{Instrument, Span, debug, field, info, info_span, warn};
 
 use super::backend::{BackendConn, ReadyBackend};
-use super::cancel_map::send_cancel;
+use super::cancel_map::{CancelTarget, send_cancel};
 use super::client::ClientConn;
 use super::client_auth::authenticate_client;
 use super::error::SessionError;
 use super::handshake::{ClientRequest, negotiate};
 use super::node_login::NodeLogin;
+use super::pool::{self, PoolKey, Pooled};
 use super::relay::{Downstream, RelayEnd, RelayState, relay};
 use super::route::{connect_writable, route_gone};
 use super::sessions::Registration;
+use super::tls::PgStream;
 use super::{Proxy, SessionLimits};
 use crate::auth::scram::ServerBinding;
 use crate::auth::{AuthSource, Credentials};
+use crate::config::NodeSpec;
+use crate::protocol::TransactionStatus;
 use crate::protocol::error_response::{ProxyError, sqlstate};
 use crate::protocol::startup::StartupMessage;
+use bytes::BytesMut;
 
 /// Pause before routing again after a node closed a new session.
 const RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Frontend Terminate, sent to a backend whose client vanished.
 const TERMINATE: [u8; 5] = [b'X', 0, 0, 0, 4];
+/// ReadyForQuery, idle: the end of a pooled connection's greeting.
+const READY_IDLE: [u8; 6] = [b'Z', 0, 0, 0, 5, b'I'];
 
 /// Whether this connection got a slot under `--max-client-connections`.
 pub enum Admission {
@@ -102,6 +109,11 @@ async fn prepare(
         None => None,
     };
 
+    if credentials.is_some()
+        && let Some(reused) = reuse_pooled(proxy, session_id, client, &startup).await?
+    {
+        return Ok(reused);
+    }
     let deadline = Instant::now() + limits.hold_timeout;
     let (backend, registration) =
         open_backend(proxy, session_id, &startup, &limits, deadline).await?;
@@ -119,7 +131,11 @@ async fn prepare(
                 // secret may be stale (a changed password).
                 auth.forget(startup.user());
             }
-            Ok((ready?, registration))
+            let mut ready = ready?;
+            if proxy.pool.is_some() && ready.cancel.is_some() {
+                ready.reuse_key = Some(startup.raw.clone());
+            }
+            Ok((ready, registration))
         }
         reason = route_gone(&proxy.topology, term, &node) => Err(SessionError::RouteGone(reason)),
     }
@@ -160,6 +176,148 @@ async fn authenticate_at_proxy(
         auth.forget(user);
     }
     result
+}
+
+/// A kept server connection for this client, when the routed primary has
+/// one for the same startup packet: the client gets the node's login
+/// ParameterStatus, its own cancel key and ReadyForQuery, and no fork.
+async fn reuse_pooled(
+    proxy: &Proxy,
+    session_id: u64,
+    client: &mut ClientConn,
+    startup: &StartupMessage,
+) -> Result<Option<(ReadyBackend, Registration)>, SessionError> {
+    let Some(pool) = &proxy.pool else {
+        return Ok(None);
+    };
+    let topology = proxy.topology.load();
+    close_all(pool.evict_stale(topology.term, Instant::now()));
+    let Some(node) = topology.writable().cloned() else {
+        return Ok(None);
+    };
+    if !proxy.topology.lease.allows() {
+        return Ok(None);
+    }
+    let key = PoolKey {
+        node: node.name.clone(),
+        term: topology.term,
+        startup: startup.raw.clone(),
+    };
+    let pooled = loop {
+        let Some(pooled) = pool.take(&key) else {
+            return Ok(None);
+        };
+        if pool::is_quiet(&pooled.stream) {
+            break pooled;
+        }
+        close_all(vec![pooled]);
+    };
+    publish_pool_sizes(proxy, pool);
+    let registration = proxy.sessions.register(session_id, &node.name);
+    if !proxy
+        .topology
+        .load()
+        .routes_new_sessions(key.term, &node.name)
+    {
+        // A switchover began meanwhile: route like any new session.
+        close_all(vec![pooled]);
+        return Ok(None);
+    }
+    let cancel = proxy.cancel_map.register(CancelTarget {
+        node: node.name.clone(),
+        address: node.address(),
+        backend_key: pooled.backend_key.clone(),
+    });
+    let mut greeting = pooled.parameters.clone();
+    greeting.extend_from_slice(&cancel.key().backend_key_data());
+    greeting.extend_from_slice(&READY_IDLE);
+    client.write(&greeting).await?;
+    proxy.metrics.pool_reused.inc();
+    Span::current().record("node", node.name.as_str());
+    debug!("reusing a pooled server connection");
+    let ready = ReadyBackend {
+        node,
+        term: key.term,
+        stream: pooled.stream,
+        pending: BytesMut::new(),
+        status: TransactionStatus::Idle,
+        cancel: Some(cancel),
+        parameters: pooled.parameters,
+        reuse_key: Some(key.startup),
+    };
+    Ok(Some((ready, registration)))
+}
+
+/// Says goodbye to server connections leaving the pool, in the background.
+fn close_all(stale: Vec<Pooled>) {
+    if stale.is_empty() {
+        return;
+    }
+    tokio::spawn(async move {
+        for mut pooled in stale {
+            say_goodbye(&mut pooled.stream).await;
+        }
+    });
+}
+
+/// What `release_to_pool` needs of a finished session's `ReadyBackend`.
+struct Released<'a> {
+    node: &'a NodeSpec,
+    term: u64,
+    reuse_key: Option<bytes::Bytes>,
+    cancel: Option<&'a super::cancel_map::CancelRegistration>,
+    parameters: BytesMut,
+}
+
+/// The client left between transactions: its server connection is reset
+/// and kept for the next client with the same startup, or closed.
+async fn release_to_pool(proxy: &Proxy, mut backend: PgStream, ready: Released<'_>, whole: bool) {
+    let (Some(pool), Some(startup), Some(cancel)) = (&proxy.pool, ready.reuse_key, ready.cancel)
+    else {
+        say_goodbye(&mut backend).await;
+        return;
+    };
+    if !whole
+        || !proxy
+            .topology
+            .load()
+            .still_routes(ready.term, &ready.node.name)
+    {
+        say_goodbye(&mut backend).await;
+        return;
+    }
+    if let Err(e) = pool::reset(&mut backend, proxy.limits().connect_timeout).await {
+        debug!(error = %e, "server connection not reusable");
+        say_goodbye(&mut backend).await;
+        return;
+    }
+    let key = PoolKey {
+        node: ready.node.name.clone(),
+        term: ready.term,
+        startup,
+    };
+    let pooled = Pooled::new(
+        backend,
+        ready.parameters,
+        cancel.target().backend_key.clone(),
+    );
+    if let Err(mut full) = pool.put(key, pooled) {
+        say_goodbye(&mut full.stream).await;
+    }
+    publish_pool_sizes(proxy, pool);
+}
+
+/// Sets the pooled-connections gauge of every node.
+fn publish_pool_sizes(proxy: &Proxy, pool: &pool::ServerPool) {
+    let counts = pool.count_by_node();
+    for node in &proxy.config.nodes {
+        let kept = counts.get(&node.name).copied().unwrap_or(0);
+        proxy
+            .metrics
+            .pooled
+            .with_label_values(&[node.name.as_str()])
+            .set(kept as i64);
+    }
 }
 
 /// Routes the session and sends its startup until a node answers. A node
@@ -243,7 +401,7 @@ fn admit(
 async fn relay_session(
     proxy: &Proxy,
     client: ClientConn,
-    ready: ReadyBackend,
+    mut ready: ReadyBackend,
     registration: Registration,
 ) {
     debug!("session ready");
@@ -265,13 +423,14 @@ async fn relay_session(
         &mut client,
         client_pending,
         &mut backend,
-        ready.pending,
+        std::mem::take(&mut ready.pending),
         RelayState {
             status,
             lease: &proxy.topology.lease,
             gate: &proxy.sessions,
             downstream: &mut downstream,
             counters: proxy.relay_counters(),
+            keep_backend: ready.reuse_key.is_some(),
         },
         evict,
     )
@@ -281,6 +440,19 @@ async fn relay_session(
         RelayEnd::ClientTerminated => {
             debug!(%last_status, "session closed by client");
             None
+        }
+        RelayEnd::ClientLeft => {
+            debug!("session closed by client; keeping its server connection");
+            let whole = downstream.can_inject() && status.is_idle();
+            let released = Released {
+                node: &ready.node,
+                term: ready.term,
+                reuse_key: ready.reuse_key,
+                cancel: ready.cancel.as_ref(),
+                parameters: ready.parameters,
+            };
+            release_to_pool(proxy, backend, released, whole).await;
+            return;
         }
         RelayEnd::ClientVanished => {
             debug!(%last_status, "client vanished; cancelling its backend");

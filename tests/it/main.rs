@@ -33,6 +33,7 @@ mod node_agent;
 mod notify;
 mod ops;
 mod pgbench;
+mod pool;
 mod psycopg;
 mod routing;
 mod switchover;

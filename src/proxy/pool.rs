@@ -1,0 +1,194 @@
+//! Server connections kept after their client left (`--client-auth
+//! proxy` only: the proxy must be able to greet the next client itself).
+//! A connection is reset with DISCARD ALL and kept for the next client
+//! whose startup packet is byte for byte the same (same user, database and
+//! options, so the node's session defaults and the ParameterStatus the
+//! client is owed are the same), on the same node in the same term. A
+//! change of term makes every kept connection unusable: none is ever
+//! handed out on a node that is no longer the routed primary.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::time::Instant;
+
+use super::tls::PgStream;
+use crate::protocol::cancel::CancelKey;
+
+/// How long a kept connection may wait for a client before it is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub node: String,
+    pub term: u64,
+    /// The client's startup packet as sent.
+    pub startup: Bytes,
+}
+
+/// A reset server connection and what its next client must be told.
+pub struct Pooled {
+    pub stream: PgStream,
+    /// The ParameterStatus messages the node sent at login.
+    pub parameters: BytesMut,
+    /// The node's own cancel key for this backend.
+    pub backend_key: CancelKey,
+    since: Instant,
+}
+
+impl Pooled {
+    pub fn new(stream: PgStream, parameters: BytesMut, backend_key: CancelKey) -> Self {
+        Self {
+            stream,
+            parameters,
+            backend_key,
+            since: Instant::now(),
+        }
+    }
+}
+
+pub struct ServerPool {
+    /// Kept connections per key; at most this many each.
+    per_key: usize,
+    kept: Mutex<HashMap<PoolKey, Vec<Pooled>>>,
+}
+
+impl ServerPool {
+    pub fn new(per_key: usize) -> Self {
+        Self {
+            per_key,
+            kept: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, Vec<Pooled>>> {
+        self.kept.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A kept connection for `key`, the most recently used first (its
+    /// node-side caches are warmest).
+    pub fn take(&self, key: &PoolKey) -> Option<Pooled> {
+        let mut kept = self.lock();
+        let list = kept.get_mut(key)?;
+        let pooled = list.pop();
+        if list.is_empty() {
+            kept.remove(key);
+        }
+        pooled
+    }
+
+    /// Keeps `pooled` for `key`; gives it back when the key is full.
+    pub fn put(&self, key: PoolKey, pooled: Pooled) -> Result<(), Pooled> {
+        if self.per_key == 0 {
+            return Err(pooled);
+        }
+        let mut kept = self.lock();
+        let list = kept.entry(key).or_default();
+        if list.len() >= self.per_key {
+            return Err(pooled);
+        }
+        list.push(pooled);
+        Ok(())
+    }
+
+    /// Removes what may no longer be handed out: connections of another
+    /// term than `term`, and those idle past `IDLE_TIMEOUT`. The caller
+    /// says goodbye to them.
+    pub fn evict_stale(&self, term: u64, now: Instant) -> Vec<Pooled> {
+        let mut stale = Vec::new();
+        let mut kept = self.lock();
+        kept.retain(|key, list| {
+            if key.term != term {
+                stale.append(list);
+                return false;
+            }
+            let (old, fresh): (Vec<Pooled>, Vec<Pooled>) = list
+                .drain(..)
+                .partition(|p| now.duration_since(p.since) >= IDLE_TIMEOUT);
+            stale.extend(old);
+            *list = fresh;
+            !list.is_empty()
+        });
+        stale
+    }
+
+    /// Kept connections per node, for `status` and `/metrics`.
+    pub fn count_by_node(&self) -> HashMap<String, usize> {
+        let mut counts = HashMap::new();
+        for (key, list) in self.lock().iter() {
+            *counts.entry(key.node.clone()).or_default() += list.len();
+        }
+        counts
+    }
+}
+
+/// True when nothing arrived on a kept connection since it was reset: a
+/// node that ended the backend (a restart, `pg_terminate_backend`) sent a
+/// FATAL or closed, and the connection must not be handed out. Peeks the
+/// socket (never consumes, so TLS records stay intact).
+pub fn is_quiet(stream: &PgStream) -> bool {
+    use futures_util::FutureExt;
+
+    let tcp = match stream {
+        PgStream::Plain(s) => s,
+        PgStream::Server(s) => s.get_ref().0,
+        PgStream::Client(s) => s.get_ref().0,
+        PgStream::Gone => return false,
+    };
+    let mut byte = [0u8; 1];
+    // Not ready now: nothing to read, the connection is quiet.
+    tcp.peek(&mut byte).now_or_never().is_none()
+}
+
+/// Query("DISCARD ALL").
+const DISCARD_ALL: &[u8] = b"Q\0\0\0\x10DISCARD ALL\0";
+
+/// Resets a server connection whose client left, for the next client:
+/// DISCARD ALL (drops temporary tables, prepared statements, LISTEN,
+/// advisory locks, session settings back to the login's), then waits for
+/// its ReadyForQuery outside any transaction.
+pub async fn reset(stream: &mut PgStream, limit: Duration) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use crate::protocol::backend::split_frame;
+
+    let work = async {
+        stream
+            .write_all(DISCARD_ALL)
+            .await
+            .map_err(|e| e.to_string())?;
+        stream.flush().await.map_err(|e| e.to_string())?;
+        let mut buf = BytesMut::with_capacity(256);
+        let mut completed = false;
+        loop {
+            while let Some(frame) = split_frame(&mut buf, 1 << 16).map_err(|e| e.to_string())? {
+                match frame.tag {
+                    b'C' => completed = true,
+                    b'E' => return Err("DISCARD ALL failed".to_owned()),
+                    b'Z' if completed && frame.body() == b"I" => return Ok(()),
+                    b'Z' => return Err("not idle after DISCARD ALL".to_owned()),
+                    // Notices, ParameterStatus, notifications: nobody's now.
+                    _ => {}
+                }
+            }
+            if stream.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
+                return Err("the node closed the connection".to_owned());
+            }
+        }
+    };
+    tokio::time::timeout(limit, work)
+        .await
+        .map_err(|_| format!("no answer to DISCARD ALL within {limit:?}"))?
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn discard_all_is_one_well_formed_query() {
+        let query = super::DISCARD_ALL;
+        let len = u32::from_be_bytes([query[1], query[2], query[3], query[4]]) as usize;
+        assert_eq!(len + 1, query.len());
+    }
+}
