@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Compare pgfailover with a direct connection, PgBouncer and HAProxy in front
 # of one throwaway PostgreSQL 15 server, using pgbench's read-only workload.
+# pgfailover runs twice: relaying authentication (the default), and as
+# `pgfailover-pool`, authenticating at the proxy with its server connection
+# pool (`--client-auth proxy`), which is what `-C` measures.
 #
 #   benches/proxy_compare.sh            # ROUNDS=3 DURATION=10 CONNECT_DURATION=5
 #
@@ -58,10 +61,10 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 chown postgres: "$TMP"
 
-# Free loopback ports: bind all four at once so they are distinct, then release.
-read -r PG_PORT PGF_PORT PGB_PORT HAP_PORT < <(python3 -c '
+# Free loopback ports: bind them all at once so they are distinct, then release.
+read -r PG_PORT PGF_PORT PGB_PORT HAP_PORT PGP_PORT ADMIN_PGF ADMIN_PGP < <(python3 -c '
 import socket
-socks = [socket.socket() for _ in range(4)]
+socks = [socket.socket() for _ in range(7)]
 for s in socks: s.bind(("127.0.0.1", 0))
 print(*[s.getsockname()[1] for s in socks])')
 
@@ -94,14 +97,21 @@ pgbench -h 127.0.0.1 -p "$PG_PORT" -U postgres -i -s "$SCALE" -q postgres >"$TMP
   || { cat "$TMP/pgbench-init.log" >&2; die "pgbench -i failed"; }
 
 # --- the three proxies -----------------------------------------------------
-log "starting pgfailover :$PGF_PORT, pgbouncer :$PGB_PORT, haproxy :$HAP_PORT"
+log "starting pgfailover :$PGF_PORT, pgfailover-pool :$PGP_PORT, pgbouncer :$PGB_PORT, haproxy :$HAP_PORT"
 PGFAILOVER_LOG=warn PGFAILOVER_MONITOR_PASSWORD=unused "$PGFAILOVER" proxy \
-  --listen "127.0.0.1:$PGF_PORT" --node "n1=127.0.0.1:$PG_PORT" --state-dir "$TMP/pgfailover-state" \
-  --monitor-user postgres --monitor-interval 1s 2>"$TMP/pgfailover.log" &
+  --listen "127.0.0.1:$PGF_PORT" --admin-listen "127.0.0.1:$ADMIN_PGF" --node "n1=127.0.0.1:$PG_PORT" \
+  --state-dir "$TMP/pgfailover-state" --monitor-user postgres --monitor-interval 1s 2>"$TMP/pgfailover.log" &
 PGF_PID=$!; PIDS+=("$PGF_PID")
 
-# PgBouncer in trust mode still looks the user up in auth_file.
+# PgBouncer in trust mode still looks the user up in auth_file; pgfailover's
+# own authentication (which enables its server connection pool) reads the same
+# file, where "" means trust.
 echo '"postgres" ""' >"$TMP/userlist.txt"
+PGFAILOVER_LOG=warn PGFAILOVER_MONITOR_PASSWORD=unused "$PGFAILOVER" proxy \
+  --listen "127.0.0.1:$PGP_PORT" --admin-listen "127.0.0.1:$ADMIN_PGP" --node "n1=127.0.0.1:$PG_PORT" \
+  --state-dir "$TMP/pgfailover-pool-state" --monitor-user postgres --monitor-interval 1s \
+  --client-auth proxy --auth-file "$TMP/userlist.txt" 2>"$TMP/pgfailover-pool.log" &
+PGP_PID=$!; PIDS+=("$PGP_PID")
 cat >"$TMP/pgbouncer.ini" <<EOF
 [databases]
 postgres = host=127.0.0.1 port=$PG_PORT dbname=postgres
@@ -138,6 +148,7 @@ EOF
 HAP_PID=$!; PIDS+=("$HAP_PID")
 
 wait_ready "$PGF_PORT" pgfailover "$PGF_PID"
+wait_ready "$PGP_PORT" pgfailover-pool "$PGP_PID"
 wait_ready "$PGB_PORT" pgbouncer "$PGB_PID"
 wait_ready "$HAP_PORT" haproxy "$HAP_PID"
 
@@ -160,7 +171,7 @@ PM_PID=$(head -n 1 "$TMP/pg/postmaster.pid")
 own_ticks() {
   local n pid
   n=$(($(ticks $$ 13 14) + $(ticks "$PM_PID" 11 12 13 14)))
-  for pid in $(pgrep -P "$PM_PID") "$PGF_PID" "$PGB_PID" "$HAP_PID"; do n=$((n + $(ticks "$pid" 11 12))); done
+  for pid in $(pgrep -P "$PM_PID") "$PGF_PID" "$PGP_PID" "$PGB_PID" "$HAP_PID"; do n=$((n + $(ticks "$pid" 11 12))); done
   echo "$n"
 }
 # A backend that has exited but is not yet reaped (a zombie) shows its CPU nowhere: before a
@@ -174,13 +185,13 @@ settle() {
   done
 }
 
-declare -A PORT=([direct]=$PG_PORT [pgfailover]=$PGF_PORT [pgbouncer]=$PGB_PORT [haproxy]=$HAP_PORT)
-declare -A PID=([direct]="" [pgfailover]=$PGF_PID [pgbouncer]=$PGB_PID [haproxy]=$HAP_PID)
-TARGETS=(direct pgfailover pgbouncer haproxy)
+declare -A PORT=([direct]=$PG_PORT [pgfailover]=$PGF_PORT [pgfailover-pool]=$PGP_PORT [pgbouncer]=$PGB_PORT [haproxy]=$HAP_PORT)
+declare -A PID=([direct]="" [pgfailover]=$PGF_PID [pgfailover-pool]=$PGP_PID [pgbouncer]=$PGB_PID [haproxy]=$HAP_PID)
+TARGETS=(direct pgfailover pgfailover-pool pgbouncer haproxy)
 RESULTS=$TMP/results.tsv
 # Guard the CPU accounting: each recorded pid must be the proxy itself, not a wrapper.
-for t in pgfailover pgbouncer haproxy; do
-  [[ $(<"/proc/${PID[$t]}/comm") == "$t" ]] || die "pid ${PID[$t]} is $(<"/proc/${PID[$t]}/comm"), not $t"
+for t in pgfailover pgfailover-pool pgbouncer haproxy; do
+  [[ $(<"/proc/${PID[$t]}/comm") == "${t%-pool}" ]] || die "pid ${PID[$t]} is $(<"/proc/${PID[$t]}/comm"), not ${t%-pool}"
 done
 
 # run_one WORKLOAD TARGET CLIENTS SECONDS [pgbench flags...]: one pgbench run, one TSV line.
@@ -228,7 +239,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
     for t in "${TARGETS[@]}"; do run_one connect "$t" 8 "$CONNECT_DURATION" -C; done
   fi
 done
-for t in pgfailover pgbouncer haproxy; do
+for t in pgfailover pgfailover-pool pgbouncer haproxy; do
   kill -0 "${PID[$t]}" 2>/dev/null || die "$t exited during the benchmark"
 done
 if [[ -s $TMP/pgfailover.log ]]; then  # at PGFAILOVER_LOG=warn it should be silent
@@ -254,7 +265,7 @@ ratio = lambda a, b: f"{a / b:.2f}" if a is not None and b else "-"
 print(f"pgbench -S, {rounds} rounds; persistent runs {dur} s, -C runs {cdur} s; medians over rounds")
 print(f"| workload | clients | target | TPS | latency ms | TPS / direct | TPS / pgbouncer | CPU ms / 1k tx | CPU / pgbouncer | other CPU s (max) |")
 print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
-for (w, c, t) in sorted(med, key=lambda k: (k[0] != "persistent", k[1], ["direct", "pgfailover", "pgbouncer", "haproxy"].index(k[2]))):
+for (w, c, t) in sorted(med, key=lambda k: (k[0] != "persistent", k[1], ["direct", "pgfailover", "pgfailover-pool", "pgbouncer", "haproxy"].index(k[2]))):
     tps, lat, cpu, other = med[(w, c, t)]
     d, b = med[(w, c, "direct")], med[(w, c, "pgbouncer")]
     print(f"| {w} | {c} | {t} | {tps:.0f} | {lat:.3f} | {ratio(tps, d[0])} | {ratio(tps, b[0])} | "

@@ -48,6 +48,10 @@ pub struct NodeReport {
     /// Bytes behind the primary's current WAL position.
     pub lag_bytes: Option<u64>,
     pub upstream: Option<String>,
+    /// Server connections the proxy keeps for reuse on this node
+    /// (`--client-auth proxy`).
+    #[serde(default)]
+    pub pooled: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -105,6 +109,12 @@ pub async fn collect(state: &AdminState) -> ClusterStatus {
                     _ => None,
                 },
                 upstream: status.as_ref().and_then(|s| s.upstream.clone()),
+                pooled: state
+                    .metrics
+                    .pooled
+                    .get_metric_with_label_values(&[node.spec.name.as_str()])
+                    .map(|g| g.get().max(0) as u64)
+                    .unwrap_or(0),
             }
         })
         .collect();

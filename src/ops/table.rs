@@ -9,9 +9,9 @@ use crate::events::Event;
 pub fn render(s: &ClusterStatus) -> String {
     let mut out = String::new();
     let header = [
-        "Name", "Role", "State", "Upstream", "Timeline", "LSN", "Lag", "Note",
+        "Name", "Role", "State", "Upstream", "Timeline", "LSN", "Lag", "Pooled", "Note",
     ];
-    let rows: Vec<[String; 8]> = s
+    let rows: Vec<[String; 9]> = s
         .nodes
         .iter()
         .map(|n| {
@@ -32,6 +32,7 @@ pub fn render(s: &ClusterStatus) -> String {
                 n.lag_bytes
                     .map(|b| format!("{b} B"))
                     .unwrap_or_else(|| "-".into()),
+                n.pooled.to_string(),
                 note,
             ]
         })
