@@ -6,6 +6,7 @@ mod client;
 mod error;
 mod handshake;
 mod relay;
+mod relay_buf;
 mod route;
 mod session;
 mod sessions;
