@@ -8,7 +8,8 @@
 # persistent-connection run), CONNECT_DURATION (seconds per `-C` run, 0 skips
 # them), SCALE (pgbench scale, 10), NOISE_PCT and RETRIES (a run during which
 # other processes used over NOISE_PCT=5 % of all CPUs is repeated, up to
-# RETRIES=3 times), PGBIN (PostgreSQL server binaries).
+# RETRIES=3 times), PGBIN (PostgreSQL server binaries), PGFAILOVER (a built
+# binary to measure; default: cargo build --release).
 # Must run as root: PostgreSQL and PgBouncer are started as the `postgres` user.
 set -euo pipefail
 
@@ -58,10 +59,10 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 chown postgres: "$TMP"
 
-# Free loopback ports: bind all four at once so they are distinct, then release.
-read -r PG_PORT PGF_PORT PGB_PORT HAP_PORT < <(python3 -c '
+# Free loopback ports: bind all five at once so they are distinct, then release.
+read -r PG_PORT PGF_PORT PGB_PORT HAP_PORT ADMIN_PORT < <(python3 -c '
 import socket
-socks = [socket.socket() for _ in range(4)]
+socks = [socket.socket() for _ in range(5)]
 for s in socks: s.bind(("127.0.0.1", 0))
 print(*[s.getsockname()[1] for s in socks])')
 
@@ -79,9 +80,12 @@ wait_ready() {
 }
 
 # --- build and PostgreSQL --------------------------------------------------
-log "building pgfailover (release)"
-(cd "$ROOT" && cargo build --release --quiet) || die "cargo build --release failed"
-PGFAILOVER=${CARGO_TARGET_DIR:-$ROOT/target}/release/pgfailover
+if [[ -z ${PGFAILOVER:-} ]]; then
+  log "building pgfailover (release)"
+  (cd "$ROOT" && cargo build --release --quiet) || die "cargo build --release failed"
+  PGFAILOVER=${CARGO_TARGET_DIR:-$ROOT/target}/release/pgfailover
+fi
+[[ -x $PGFAILOVER ]] || die "no pgfailover binary at $PGFAILOVER"
 
 log "initdb + pgbench -i -s $SCALE (PostgreSQL on port $PG_PORT)"
 # trust over loopback: the one authentication all three proxies handle with no extra setup
@@ -96,7 +100,7 @@ pgbench -h 127.0.0.1 -p "$PG_PORT" -U postgres -i -s "$SCALE" -q postgres >"$TMP
 # --- the three proxies -----------------------------------------------------
 log "starting pgfailover :$PGF_PORT, pgbouncer :$PGB_PORT, haproxy :$HAP_PORT"
 PGFAILOVER_LOG=warn PGFAILOVER_MONITOR_PASSWORD=unused "$PGFAILOVER" proxy \
-  --listen "127.0.0.1:$PGF_PORT" --node "n1=127.0.0.1:$PG_PORT" \
+  --listen "127.0.0.1:$PGF_PORT" --admin-listen "127.0.0.1:$ADMIN_PORT" --node "n1=127.0.0.1:$PG_PORT" \
   --monitor-user postgres --monitor-interval 1s 2>"$TMP/pgfailover.log" &
 PGF_PID=$!; PIDS+=("$PGF_PID")
 
@@ -180,7 +184,7 @@ TARGETS=(direct pgfailover pgbouncer haproxy)
 RESULTS=$TMP/results.tsv
 # Guard the CPU accounting: each recorded pid must be the proxy itself, not a wrapper.
 for t in pgfailover pgbouncer haproxy; do
-  [[ $(<"/proc/${PID[$t]}/comm") == "$t" ]] || die "pid ${PID[$t]} is $(<"/proc/${PID[$t]}/comm"), not $t"
+  [[ $(<"/proc/${PID[$t]}/comm") == "$t"* ]] || die "pid ${PID[$t]} is $(<"/proc/${PID[$t]}/comm"), not $t"
 done
 
 # run_one WORKLOAD TARGET CLIENTS SECONDS [pgbench flags...]: one pgbench run, one TSV line.
