@@ -11,7 +11,8 @@
 # persistent-connection run), CONNECT_DURATION (seconds per `-C` run, 0 skips
 # them), SCALE (pgbench scale, 10), NOISE_PCT and RETRIES (a run during which
 # other processes used over NOISE_PCT=5 % of all CPUs is repeated, up to
-# RETRIES=3 times), PGBIN (PostgreSQL server binaries).
+# RETRIES=3 times), PGBIN (PostgreSQL server binaries), PGFAILOVER (a built
+# binary to measure; default: cargo build --release).
 # Must run as root: PostgreSQL and PgBouncer are started as the `postgres` user.
 set -euo pipefail
 
@@ -82,9 +83,12 @@ wait_ready() {
 }
 
 # --- build and PostgreSQL --------------------------------------------------
-log "building pgfailover (release)"
-(cd "$ROOT" && cargo build --release --quiet) || die "cargo build --release failed"
-PGFAILOVER=${CARGO_TARGET_DIR:-$ROOT/target}/release/pgfailover
+if [[ -z ${PGFAILOVER:-} ]]; then
+  log "building pgfailover (release)"
+  (cd "$ROOT" && cargo build --release --quiet) || die "cargo build --release failed"
+  PGFAILOVER=${CARGO_TARGET_DIR:-$ROOT/target}/release/pgfailover
+fi
+[[ -x $PGFAILOVER ]] || die "no pgfailover binary at $PGFAILOVER"
 
 log "initdb + pgbench -i -s $SCALE (PostgreSQL on port $PG_PORT)"
 # trust over loopback: the one authentication all three proxies handle with no extra setup

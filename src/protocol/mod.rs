@@ -15,6 +15,13 @@ pub const MAX_STARTUP_PACKET: usize = 10_000;
 pub const SSL_REQUEST_CODE: u32 = 80_877_103;
 pub const GSSENC_REQUEST_CODE: u32 = 80_877_104;
 pub const CANCEL_REQUEST_CODE: u32 = 80_877_102;
+/// First byte of a TLS handshake record: a client that opens with it is
+/// doing PostgreSQL 17's direct TLS (`sslnegotiation=direct`). As a
+/// startup length it would read as hundreds of megabytes, so it cannot be
+/// mistaken for a packet.
+pub const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+/// The ALPN protocol PostgreSQL 17 requires for direct TLS.
+pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
 /// Protocol 3.0, the version every current driver speaks.
 pub const PROTOCOL_3_0: u32 = 3 << 16;
 /// Length of the header of every message after the startup packet:

@@ -10,10 +10,10 @@ use tokio_rustls::TlsAcceptor;
 use super::tls::PgStream;
 
 use super::error::{SessionError, client_read_error};
-use crate::protocol::MAX_STARTUP_PACKET;
 use crate::protocol::backend::{Frame, split_frame};
 use crate::protocol::error_response::ProxyError;
 use crate::protocol::startup::StartupError;
+use crate::protocol::{MAX_STARTUP_PACKET, TLS_HANDSHAKE_RECORD};
 
 /// Largest message a client may send during authentication (PostgreSQL's
 /// PG_MAX_AUTH_TOKEN_LENGTH is 65535).
@@ -60,6 +60,27 @@ impl ClientConn {
                 }
             }
         }
+    }
+
+    /// True when the client opened with a TLS handshake record instead of
+    /// a startup packet (direct TLS). Looks without consuming, so the TLS
+    /// acceptor reads the whole ClientHello from the socket. Cancel safe.
+    pub async fn opens_with_tls(&mut self) -> Result<bool, SessionError> {
+        let PgStream::Plain(tcp) = &self.stream else {
+            return Ok(false);
+        };
+        let mut first = [0u8; 1];
+        let n = tcp.peek(&mut first).await.map_err(client_read_error)?;
+        if n == 0 {
+            return Err(SessionError::ClientClosed);
+        }
+        Ok(first[0] == TLS_HANDSHAKE_RECORD)
+    }
+
+    /// True when the client negotiated ALPN `postgresql` in its TLS
+    /// handshake.
+    pub fn alpn_is_postgresql(&self) -> bool {
+        self.stream.alpn_is_postgresql()
     }
 
     /// True when the client sent bytes the proxy has not consumed yet.

@@ -25,6 +25,13 @@ pub enum SessionError {
     Startup(#[from] StartupError),
     #[error("refused startup: {0}")]
     Refused(String),
+    /// A direct TLS ClientHello to a proxy without TLS for clients; the
+    /// client got a TLS alert, since it cannot read an ErrorResponse.
+    #[error(
+        "client opened with a TLS handshake (sslnegotiation=direct) but TLS is not configured \
+         (--tls-cert/--tls-key, --tls-mode allow|require); such clients must use sslnegotiation=postgres"
+    )]
+    DirectTlsUnavailable,
     #[error("too many client connections (limit {0})")]
     TooManyConnections(usize),
     #[error("no writable node: {0}")]
@@ -72,6 +79,7 @@ impl SessionError {
             Self::StartupTimeout(_) => "startup_timeout",
             Self::ClientProtocol(_) | Self::Startup(_) => "protocol",
             Self::Refused(_) => "refused",
+            Self::DirectTlsUnavailable => "direct_tls_unavailable",
             Self::TooManyConnections(_) => "too_many_connections",
             Self::NoRoute(_) => "no_route",
             Self::BackendIo { .. } | Self::BackendClosed { .. } => "backend_io",
@@ -95,7 +103,11 @@ impl SessionError {
     pub fn is_rejection(&self) -> bool {
         matches!(
             self,
-            Self::TooManyConnections(_) | Self::NoRoute(_) | Self::Refused(_) | Self::AuthFailed(_)
+            Self::TooManyConnections(_)
+                | Self::NoRoute(_)
+                | Self::Refused(_)
+                | Self::AuthFailed(_)
+                | Self::DirectTlsUnavailable
         )
     }
 
@@ -107,7 +119,10 @@ impl SessionError {
     /// The ErrorResponse the client gets before the proxy closes, if any.
     pub fn client_error(&self) -> Option<ProxyError> {
         let error = match self {
-            Self::ClientClosed | Self::ClientIo(_) | Self::BackendRefused => return None,
+            Self::ClientClosed
+            | Self::ClientIo(_)
+            | Self::BackendRefused
+            | Self::DirectTlsUnavailable => return None,
             Self::StartupTimeout(_) => {
                 ProxyError::fatal(sqlstate::PROTOCOL_VIOLATION, "incomplete startup packet")
             }

@@ -3,6 +3,7 @@
 
 use super::client::ClientConn;
 use super::error::SessionError;
+use super::tls::HANDSHAKE_FAILURE_ALERT;
 use crate::config::{ClientTls, TlsMode};
 use crate::protocol::cancel::CancelKey;
 use crate::protocol::startup::{FirstPacket, StartupMessage, parse_first_packet};
@@ -13,16 +14,21 @@ pub enum ClientRequest {
     Startup(StartupMessage),
 }
 
-/// Answers SSLRequest (`S` and a TLS handshake when configured, else
-/// `N`) and GSSENCRequest (`N`) until the client sends its real first
-/// packet; in `require` mode a plaintext startup is refused. Not cancel
-/// safe as a whole (it writes); the caller bounds it with the startup
-/// timeout.
+/// Accepts direct TLS (a ClientHello first), answers SSLRequest (`S`
+/// and a TLS handshake when configured, else `N`) and GSSENCRequest
+/// (`N`) until the client sends its real first packet; in `require` mode
+/// a plaintext startup is refused. Not cancel safe as a whole (it
+/// writes); the caller bounds it with the startup timeout.
 pub async fn negotiate(
     client: &mut ClientConn,
     tls: &ClientTls,
 ) -> Result<ClientRequest, SessionError> {
+    // After direct TLS an SSLRequest is "encryption requested twice".
     let mut ssl_asked = false;
+    if client.opens_with_tls().await? {
+        accept_direct_tls(client, tls).await?;
+        ssl_asked = true;
+    }
     let mut gss_asked = false;
     loop {
         let packet = client.read_startup_packet().await?;
@@ -55,6 +61,32 @@ pub async fn negotiate(
             FirstPacket::Startup(message) => return Ok(ClientRequest::Startup(message)),
         }
     }
+}
+
+/// PostgreSQL 17's `sslnegotiation=direct`: the TLS handshake starts at
+/// once, without SSLRequest. Like PostgreSQL, the proxy requires ALPN
+/// `postgresql`: it proves the client means to speak PostgreSQL inside,
+/// so a TLS client of another protocol cannot be led into a session
+/// (cross-protocol attacks in the ALPACA class).
+async fn accept_direct_tls(client: &mut ClientConn, tls: &ClientTls) -> Result<(), SessionError> {
+    let acceptor = match (&tls.acceptor, tls.mode) {
+        (Some(acceptor), TlsMode::Allow | TlsMode::Require) => acceptor,
+        _ => {
+            // Best effort: the connection is refused whether or not the
+            // client reads the alert.
+            let _ = client.write(&HANDSHAKE_FAILURE_ALERT).await;
+            return Err(SessionError::DirectTlsUnavailable);
+        }
+    };
+    client.start_tls(acceptor).await?;
+    if !client.alpn_is_postgresql() {
+        // Inside TLS now, so the client can read why.
+        return Err(SessionError::ClientProtocol(
+            "received direct SSL connection request without ALPN protocol negotiation extension"
+                .into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Bytes that arrive before the client has read our answer were sent

@@ -9,6 +9,7 @@ mod handshake;
 mod node_login;
 mod pool;
 mod relay;
+mod relay_buf;
 mod route;
 mod session;
 mod sessions;

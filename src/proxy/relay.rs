@@ -1,24 +1,23 @@
 //! The relay: raw bytes both ways after the first ReadyForQuery. No
-//! message body is decoded and nothing is allocated per message; both
-//! directions only follow message boundaries (`BoundaryTracker`) so the
-//! proxy knows the transaction status, whether the client said goodbye,
-//! and when it may inject an ErrorResponse of its own.
+//! message body is decoded and nothing is allocated per message (the
+//! buffers and byte counts are in `relay_buf`); both directions only
+//! follow message boundaries (`BoundaryTracker`) so the proxy knows the
+//! transaction status, whether the client said goodbye, and when it may
+//! inject an ErrorResponse of its own.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use prometheus::IntCounter;
 
+use super::relay_buf::{InputReady, LocalCount, RelayBuf};
 use super::sessions::{REPLY_TAGS, REQUEST_TAGS, SessionStatus, Sessions};
 use super::tls::PgStream;
 use crate::protocol::backend::BoundaryTracker;
 use crate::topology::LeaseGate;
 
-/// Per-direction buffer: large enough for COPY throughput, small enough
-/// for ten thousand sessions.
-const RELAY_BUFFER: usize = 16 * 1024;
 /// Frontend Terminate.
 const TERMINATE: u8 = b'X';
 /// Backend ErrorResponse.
@@ -78,7 +77,8 @@ impl Downstream {
     }
 }
 
-/// Where relayed bytes are counted (shared atomics, one add per chunk).
+/// Where relayed bytes are counted: shared atomics, to which each session
+/// adds its own counts now and then (`LocalCount`).
 pub struct ByteCounters<'a> {
     pub to_server: &'a IntCounter,
     pub to_client: &'a IntCounter,
@@ -146,9 +146,9 @@ async fn relay_halves<CR, CW, BR, BW>(
     evict: impl Future<Output = String>,
 ) -> RelayEnd
 where
-    CR: AsyncRead + Unpin,
+    CR: AsyncRead + InputReady + Unpin,
     CW: AsyncWrite + Unpin,
-    BR: AsyncRead + Unpin,
+    BR: AsyncRead + InputReady + Unpin,
     BW: AsyncWrite + Unpin,
 {
     let RelayState {
@@ -162,90 +162,102 @@ where
     // Set once the client's Terminate went to the node: the node's close
     // that follows is the end of a normal goodbye, not a lost backend.
     let said_goodbye = AtomicBool::new(false);
-    let upstream = client_to_backend(
-        client.0,
-        backend.1,
-        client_pending,
-        (status, gate, lease, &said_goodbye),
-        (counters.to_server, keep_backend),
-    );
-    let down = backend_to_client(
-        backend.0,
-        client.1,
-        backend_pending,
-        (status, &said_goodbye),
-        downstream,
-        counters.to_client,
-    );
+    // The two directions are built inside select! rather than bound first:
+    // a future moved into select! would take its room twice in this one,
+    // which every idle session carries.
     tokio::select! {
-        end = upstream => end,
-        end = down => end,
+        end = client_to_backend(
+            client.0,
+            backend.1,
+            client_pending,
+            (status, gate, lease, &said_goodbye),
+            (counters.to_server, keep_backend),
+        ) => end,
+        end = backend_to_client(
+            backend.0,
+            client.1,
+            backend_pending,
+            (status, &said_goodbye),
+            downstream,
+            counters.to_client,
+        ) => end,
         reason = evict => RelayEnd::Evicted(reason),
     }
 }
 
-async fn client_to_backend(
-    client: &mut (impl AsyncRead + Unpin),
-    backend: &mut (impl AsyncWrite + Unpin),
-    pending: BytesMut,
-    (status, gate, lease, said_goodbye): (&SessionStatus, &Sessions, &LeaseGate, &AtomicBool),
-    (counter, keep_backend): (&IntCounter, bool),
-) -> RelayEnd {
-    let mut tracker = BoundaryTracker::counting(REQUEST_TAGS);
-    let mut buf = vec![0u8; RELAY_BUFFER];
-    let mut next: &[u8] = &pending;
-    let mut tracking = true;
-    loop {
-        if keep_backend
-            && is_lone_terminate(next)
-            && tracking
-            && tracker.at_boundary()
-            && status.is_idle()
+/// What the client-to-node direction checks and records per chunk.
+struct Upstream<'a> {
+    status: &'a SessionStatus,
+    gate: &'a Sessions,
+    lease: &'a LeaseGate,
+    said_goodbye: &'a AtomicBool,
+    tracker: BoundaryTracker,
+    /// False once the client sent something unframeable.
+    tracking: bool,
+    count: LocalCount<'a>,
+    keep_backend: bool,
+}
+
+impl Upstream<'_> {
+    /// Forwards one chunk to the node, or says why the relay ends.
+    async fn forward(
+        &mut self,
+        chunk: &[u8],
+        backend: &mut (impl AsyncWrite + Unpin),
+    ) -> Result<(), RelayEnd> {
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        if self.keep_backend
+            && is_lone_terminate(chunk)
+            && self.tracking
+            && self.tracker.at_boundary()
+            && self.status.is_idle()
         {
-            return RelayEnd::ClientLeft;
+            return Err(RelayEnd::ClientLeft);
         }
-        if !next.is_empty() {
-            // A switchover is draining: a session between transactions
-            // starts nothing new until it is over (or is closed by it).
-            if gate.is_paused() && status.is_idle() {
-                gate.wait_resumed().await;
-            }
-            // Checked after any wait, right before the write: a relay
-            // resumed after a freeze forwards nothing past its lease.
-            if !lease.allows() {
-                return RelayEnd::LeaseExpired;
-            }
-            // A malformed client message is the backend's to reject (it
-            // answers 08P01 itself); the proxy just stops following.
-            tracking = tracking && tracker.feed(next).is_ok();
-            status.set_requests(tracker.counted());
-            counter.inc_by(next.len() as u64);
-            // Flushed: over TLS the tail of a burst (CopyDone, Sync) would
-            // otherwise wait in the record buffer for the next write.
-            let sent = match backend.write_all(next).await {
-                Ok(()) => backend.flush().await,
-                Err(e) => Err(e),
-            };
-            if let Err(error) = sent {
-                return RelayEnd::BackendLost(Some(error));
-            }
-            if tracking && tracker.at_boundary() && tracker.last_tag() == Some(TERMINATE) {
-                said_goodbye.store(true, Ordering::Relaxed);
-            }
+        // A switchover is draining: a session between transactions
+        // starts nothing new until it is over (or is closed by it).
+        if self.gate.is_paused() && self.status.is_idle() {
+            self.gate.wait_resumed().await;
         }
-        let n = match client.read(&mut buf).await {
-            Ok(0) | Err(_) => {
-                let terminated =
-                    tracking && tracker.at_boundary() && tracker.last_tag() == Some(TERMINATE);
-                return if terminated {
-                    RelayEnd::ClientTerminated
-                } else {
-                    RelayEnd::ClientVanished
-                };
-            }
-            Ok(n) => n,
+        // Checked after any wait, right before the write: a relay
+        // resumed after a freeze forwards nothing past its lease.
+        if !self.lease.allows() {
+            return Err(RelayEnd::LeaseExpired);
+        }
+        // A malformed client message is the backend's to reject (it
+        // answers 08P01 itself); the proxy just stops following.
+        self.tracking = self.tracking && self.tracker.feed(chunk).is_ok();
+        self.status.set_requests(self.tracker.counted());
+        self.count.add(chunk.len());
+        // Flushed: over TLS the tail of a burst (CopyDone, Sync) would
+        // otherwise wait in the record buffer for the next write.
+        let sent = match backend.write_all(chunk).await {
+            Ok(()) => backend.flush().await,
+            Err(e) => Err(e),
         };
-        next = &buf[..n];
+        if let Err(error) = sent {
+            return Err(RelayEnd::BackendLost(Some(error)));
+        }
+        if self.terminated() {
+            self.said_goodbye.store(true, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// The client sent Terminate as its last whole message.
+    fn terminated(&self) -> bool {
+        self.tracking && self.tracker.at_boundary() && self.tracker.last_tag() == Some(TERMINATE)
+    }
+
+    /// How the relay ends when the client's input ends.
+    fn client_end(&self) -> RelayEnd {
+        if self.terminated() {
+            RelayEnd::ClientTerminated
+        } else {
+            RelayEnd::ClientVanished
+        }
     }
 }
 
@@ -254,40 +266,99 @@ fn is_lone_terminate(bytes: &[u8]) -> bool {
     bytes == [TERMINATE, 0, 0, 0, 4]
 }
 
-async fn backend_to_client(
-    backend: &mut (impl AsyncRead + Unpin),
+async fn client_to_backend<CR>(
+    client: &mut CR,
+    backend: &mut (impl AsyncWrite + Unpin),
+    pending: BytesMut,
+    (status, gate, lease, said_goodbye): (&SessionStatus, &Sessions, &LeaseGate, &AtomicBool),
+    (counter, keep_backend): (&IntCounter, bool),
+) -> RelayEnd
+where
+    CR: AsyncRead + InputReady + Unpin,
+{
+    let mut up = Upstream {
+        status,
+        gate,
+        lease,
+        said_goodbye,
+        tracker: BoundaryTracker::counting(REQUEST_TAGS),
+        tracking: true,
+        count: LocalCount::new(counter),
+        keep_backend,
+    };
+    if let Err(end) = up.forward(&pending, backend).await {
+        return end;
+    }
+    // The handshake's read buffer: larger than an idle session needs.
+    drop(pending);
+    let mut buf = RelayBuf::default();
+    loop {
+        let chunk = match buf.read_from(client).await {
+            Ok(chunk) if !chunk.is_empty() => chunk,
+            _ => return up.client_end(),
+        };
+        if let Err(end) = up.forward(chunk, backend).await {
+            return end;
+        }
+    }
+}
+
+/// Forwards one chunk to the client, following its message boundaries.
+async fn forward_down(
+    chunk: &[u8],
+    client: &mut (impl AsyncWrite + Unpin),
+    status: &SessionStatus,
+    state: &mut Downstream,
+    count: &mut LocalCount<'_>,
+) -> Result<(), RelayEnd> {
+    if chunk.is_empty() {
+        return Ok(());
+    }
+    if state.tracker.feed(chunk).is_err() {
+        state.broken = true;
+        return Err(RelayEnd::BackendLost(None));
+    }
+    if let Some(s) = state.tracker.last_status() {
+        status.set(s.as_byte());
+    }
+    status.set_replies(state.tracker.counted());
+    count.add(chunk.len());
+    state.writing = true;
+    // TLS buffers records until flushed; for plain TCP flush is free.
+    if client.write_all(chunk).await.is_err() || client.flush().await.is_err() {
+        return Err(RelayEnd::ClientVanished);
+    }
+    state.writing = false;
+    Ok(())
+}
+
+async fn backend_to_client<BR>(
+    backend: &mut BR,
     client: &mut (impl AsyncWrite + Unpin),
     pending: BytesMut,
     (status, said_goodbye): (&SessionStatus, &AtomicBool),
     state: &mut Downstream,
     counter: &IntCounter,
-) -> RelayEnd {
-    let mut buf = vec![0u8; RELAY_BUFFER];
-    let mut next: &[u8] = &pending;
+) -> RelayEnd
+where
+    BR: AsyncRead + InputReady + Unpin,
+{
+    let mut count = LocalCount::new(counter);
+    if let Err(end) = forward_down(&pending, client, status, state, &mut count).await {
+        return end;
+    }
+    // The handshake's read buffer: larger than an idle session needs.
+    drop(pending);
+    let mut buf = RelayBuf::default();
     loop {
-        if !next.is_empty() {
-            if state.tracker.feed(next).is_err() {
-                state.broken = true;
-                return RelayEnd::BackendLost(None);
-            }
-            if let Some(s) = state.tracker.last_status() {
-                status.set(s.as_byte());
-            }
-            status.set_replies(state.tracker.counted());
-            counter.inc_by(next.len() as u64);
-            state.writing = true;
-            // TLS buffers records until flushed; for plain TCP flush is free.
-            if client.write_all(next).await.is_err() || client.flush().await.is_err() {
-                return RelayEnd::ClientVanished;
-            }
-            state.writing = false;
-        }
-        let n = match backend.read(&mut buf).await {
-            Ok(n) if n > 0 => n,
+        let chunk = match buf.read_from(backend).await {
+            Ok(chunk) if !chunk.is_empty() => chunk,
             _ if said_goodbye.load(Ordering::Relaxed) => return RelayEnd::ClientTerminated,
             Ok(_) => return RelayEnd::BackendLost(None),
             Err(error) => return RelayEnd::BackendLost(Some(error)),
         };
-        next = &buf[..n];
+        if let Err(end) = forward_down(chunk, client, status, state, &mut count).await {
+            return end;
+        }
     }
 }

@@ -62,7 +62,9 @@ pub async fn serve(proxy: Arc<Proxy>, stream: TcpStream, peer: SocketAddr, admis
     async move {
         let _open = OpenSession::new(&proxy, &admission);
         let mut client = ClientConn::new(stream);
-        match prepare(&proxy, id, &mut client, &admission).await {
+        // Boxed: the handshake's state is freed when it is over instead of
+        // sizing the task of every idle session.
+        match Box::pin(prepare(&proxy, id, &mut client, &admission)).await {
             Ok((ready, registration)) => relay_session(&proxy, client, ready, registration).await,
             Err(e) => refuse(&proxy, &mut client, e).await,
         }
@@ -419,6 +421,9 @@ async fn relay_session(
             reason = proxy.topology.lease.expired() => reason,
         }
     };
+    // Pinned here and lent to the relay, so the relay's own futures do
+    // not hold a second copy of it.
+    tokio::pin!(evict);
     let end = relay(
         &mut client,
         client_pending,
@@ -432,7 +437,7 @@ async fn relay_session(
             counters: proxy.relay_counters(),
             keep_backend: ready.reuse_key.is_some(),
         },
-        evict,
+        evict.as_mut(),
     )
     .await;
     let last_status = char::from(status.get());

@@ -29,14 +29,24 @@ pub fn load_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
     let key = PrivateKeyDer::from_pem_file(key)
         .map_err(|e| format!("--tls-key {}: {e}", key.display()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = ServerConfig::builder_with_provider(provider)
+    let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .map_err(|e| format!("--tls-cert/--tls-key do not fit together: {e}"))?;
+    // As PostgreSQL 17: a client offering ALPN must offer `postgresql`
+    // (rustls refuses others with no_application_protocol), and libpq 17
+    // requires the server to choose it. Clients offering none still
+    // connect after an SSLRequest; direct TLS checks it was chosen.
+    config.alpn_protocols = vec![crate::protocol::ALPN_POSTGRESQL.to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
+
+/// A fatal TLS alert record, handshake_failure (40): what a client that
+/// opened with a ClientHello can understand when the proxy has no TLS to
+/// offer (a PostgreSQL ErrorResponse would look like a corrupt record).
+pub const HANDSHAKE_FAILURE_ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 40];
 
 /// A connection to a client or a node: plain TCP, or TLS that the proxy
 /// terminates (toward clients) or originates (toward nodes).
@@ -56,6 +66,16 @@ fn gone() -> io::Error {
 impl PgStream {
     pub fn is_tls(&self) -> bool {
         matches!(self, Self::Server(_) | Self::Client(_))
+    }
+
+    /// True when the client's TLS handshake agreed on ALPN `postgresql`.
+    pub fn alpn_is_postgresql(&self) -> bool {
+        match self {
+            Self::Server(s) => {
+                s.get_ref().1.alpn_protocol() == Some(crate::protocol::ALPN_POSTGRESQL)
+            }
+            _ => false,
+        }
     }
 
     /// Makes the close a reset (SO_LINGER 0): bytes not yet sent are

@@ -13,6 +13,7 @@
 // tests that come later.
 #[allow(dead_code, unused_imports)]
 mod harness;
+mod rustls_connect;
 mod util;
 mod wire;
 

@@ -1,5 +1,6 @@
 //! TLS toward clients: certificates made at test time (rcgen), real psql
-//! and libpq behaviour (sslmode=require, verify-full, channel binding).
+//! and libpq behaviour (sslmode=require, verify-full, channel binding),
+//! and PostgreSQL 17's direct TLS through tokio-postgres (psql here is 15).
 
 use std::path::PathBuf;
 
@@ -7,8 +8,9 @@ use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType, IsCa, KeyPair,
 };
 
-use crate::harness::{APP_DB, ProxiedCluster, SCRAM_USER, TempDir};
-use crate::util::{psql, stderr, stdout};
+use crate::harness::{APP_DB, DEADLINE, ProxiedCluster, SCRAM_USER, TempDir, wait_until};
+use crate::rustls_connect::{ALPN_POSTGRESQL, RustlsConnect};
+use crate::util::{describe, psql, stderr, stdout};
 use crate::wire::{self, SSL_REQUEST_CODE, packet, read_to_close};
 
 /// A test CA and a server certificate for `localhost` and 127.0.0.1.
@@ -261,4 +263,99 @@ fn backend_tls_verify_full_encrypts_the_proxy_to_node_leg() {
         "{}",
         stderr(&out)
     );
+}
+
+/// Connects through tokio-postgres with `sslnegotiation=direct`: the TLS
+/// ClientHello is the first thing on the connection, as from libpq 17.
+async fn connect_direct(
+    dsn: &str,
+    tls: &RustlsConnect,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let dsn = format!("{dsn} sslmode=require sslnegotiation=direct");
+    let (client, connection) = tokio_postgres::connect(&dsn, tls.clone()).await?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+/// The error with its causes: tokio-postgres's own text for a TLS
+/// failure ("error performing TLS handshake") leaves out rustls's reason.
+fn with_causes(error: &tokio_postgres::Error) -> String {
+    let mut text = describe(error);
+    let mut cause = std::error::Error::source(error);
+    while let Some(e) = cause {
+        text.push_str(&format!(": {e}"));
+        cause = e.source();
+    }
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_tls_with_alpn_postgresql_logs_in_and_runs_queries() {
+    let pki = Pki::new();
+    // --tls-mode require: a direct TLS session counts as encrypted.
+    let proxied = start(&pki, &["--tls-mode", "require"]);
+    let tls = RustlsConnect::new(&pki.path("ca.pem"), &[ALPN_POSTGRESQL]);
+    let dsn = proxied.dsn(SCRAM_USER.name, SCRAM_USER.password, APP_DB);
+    let client = connect_direct(&dsn, &tls)
+        .await
+        .unwrap_or_else(|e| panic!("direct TLS through the proxy: {}", with_causes(&e)));
+    assert_eq!(
+        tls.chosen_alpn().as_deref(),
+        Some(ALPN_POSTGRESQL),
+        "libpq 17 refuses a direct TLS server that does not choose ALPN postgresql"
+    );
+    let row = client
+        .query_one("SELECT current_user::text, 1 + 1", &[])
+        .await
+        .expect("a query over direct TLS");
+    assert_eq!(row.get::<_, String>(0), SCRAM_USER.name);
+    assert_eq!(row.get::<_, i32>(1), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_tls_without_alpn_postgresql_is_refused() {
+    let pki = Pki::new();
+    let proxied = start(&pki, &[]);
+    let dsn = proxied.dsn(SCRAM_USER.name, SCRAM_USER.password, APP_DB);
+
+    // No ALPN at all: like PostgreSQL 17, refused after the handshake
+    // (the client is told why, inside TLS).
+    let no_alpn = RustlsConnect::new(&pki.path("ca.pem"), &[]);
+    let Err(error) = connect_direct(&dsn, &no_alpn).await else {
+        panic!("direct TLS without ALPN must be refused");
+    };
+    let text = with_causes(&error);
+    assert!(text.starts_with("08P01"), "{text}");
+    assert!(text.contains("ALPN"), "{text}");
+
+    // Another protocol's ALPN (an HTTPS client, say): no handshake.
+    let http = RustlsConnect::new(&pki.path("ca.pem"), &[b"http/1.1"]);
+    let Err(error) = connect_direct(&dsn, &http).await else {
+        panic!("direct TLS with ALPN http/1.1 must be refused");
+    };
+    let text = with_causes(&error);
+    assert!(text.contains("NoApplicationProtocol"), "{text}");
+    wait_until("the proxy logs the failed handshake", DEADLINE, || {
+        proxied.proxy.log().contains("TLS handshake failed")
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_tls_to_a_proxy_without_tls_is_refused_with_a_clear_log_line() {
+    let pki = Pki::new();
+    let proxied = ProxiedCluster::start();
+    let tls = RustlsConnect::new(&pki.path("ca.pem"), &[ALPN_POSTGRESQL]);
+    let dsn = proxied.dsn(SCRAM_USER.name, SCRAM_USER.password, APP_DB);
+    let Err(error) = connect_direct(&dsn, &tls).await else {
+        panic!("a proxy without a certificate cannot accept direct TLS");
+    };
+    // The client speaks TLS, so it hears a TLS alert, not an ErrorResponse.
+    let text = with_causes(&error);
+    assert!(text.contains("HandshakeFailure"), "{text}");
+    wait_until("the proxy logs why it refused", DEADLINE, || {
+        proxied
+            .proxy
+            .log()
+            .contains("sslnegotiation=direct) but TLS is not configured")
+    });
 }
