@@ -98,8 +98,13 @@ impl Postmaster {
         timeout(REAP_TIMEOUT, self.child.wait())
             .await
             .map_err(|_| format!("postgres {pid} not reaped within {REAP_TIMEOUT:?}"))?
-            .map(drop)
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        // The backends die on their own time once the postmaster is gone;
+        // until the last one has, the shared memory block is in use and a
+        // crash recovery (pg_rewind's first step) refuses to start.
+        timeout(REAP_TIMEOUT, group_gone(pid))
+            .await
+            .map_err(|_| format!("processes of group {pid} still run after {REAP_TIMEOUT:?}"))
     }
 
     /// `pg_ctl stop` in `mode`, then reap.
@@ -109,5 +114,55 @@ impl Postmaster {
             let _ = timeout(REAP_TIMEOUT, self.child.wait()).await;
         }
         stopped
+    }
+}
+
+/// Resolves once no live process is left in process group `pgid`.
+/// Zombies do not count: they hold no shared memory, and under a PID 1
+/// that does not reap (some containers) they would never go.
+async fn group_gone(pgid: u32) {
+    while group_has_live_process(pgid) {
+        sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Scans /proc for a process of group `pgid` that is not a zombie.
+fn group_has_live_process(pgid: u32) -> bool {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    entries
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .any(|stat| live_in_group(&stat, pgid))
+}
+
+/// Reads `/proc/PID/stat`: after "pid (comm) " come state, ppid, pgrp.
+fn live_in_group(stat: &str, pgid: u32) -> bool {
+    let Some((_, rest)) = stat.rsplit_once(") ") else {
+        return false;
+    };
+    let mut fields = rest.split_whitespace();
+    let state = fields.next();
+    let pgrp = fields.nth(1).and_then(|g| g.parse::<u32>().ok());
+    pgrp == Some(pgid) && state != Some("Z") && state != Some("X")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::live_in_group;
+
+    #[test]
+    fn reads_the_group_and_skips_zombies() {
+        let stat = "4242 (postgres: n1: checkpointer ) S 4200 4200 4200 0 -1";
+        assert!(live_in_group(stat, 4200));
+        assert!(!live_in_group(stat, 4201));
+        assert!(!live_in_group("4243 (postgres) Z 1 4200 4200 0", 4200));
     }
 }
