@@ -23,6 +23,7 @@ mod compose;
 mod copy;
 mod demo;
 mod disconnect;
+mod driver_compat;
 mod drivers;
 mod failover;
 mod failover_data;

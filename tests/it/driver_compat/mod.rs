@@ -1,0 +1,226 @@
+//! Driver compatibility as a standing test: each driver makes the same
+//! calls once directly to the primary and once through the proxy, prints a
+//! transcript of what it saw (one `check<TAB>value` line per check), and
+//! the two transcripts must be equal. The transcripts leave out what two
+//! sessions legitimately differ in (PIDs, cancel keys, large object OIDs)
+//! and print comparisons instead ("the pid a NOTIFY names is my own").
+//!
+//! | feature                  | psycopg2 | asyncpg |
+//! |--------------------------|----------|---------|
+//! | backend PID              | yes      | yes     |
+//! | LISTEN/NOTIFY            | yes      | yes     |
+//! | cancel a running query   | yes      | yes     |
+//! | cancel ordering (idle)   | yes      | yes     |
+//! | COPY in / out            | yes      | yes     |
+//! | binary formats           | COPY     | yes     |
+//! | pipelining               |          | yes     |
+//! | large objects            | fastpath | SQL     |
+//! | prepared statements      | SQL      | yes     |
+//! | error and notice fields  | yes      | yes     |
+//! | ParameterStatus changes  | yes      | yes     |
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use crate::harness::{APP_DB, ProxiedCluster, SCRAM_USER, python3};
+use crate::util::{stderr, stdout};
+
+/// A driver exercised by a script in `tests/drivers/`.
+struct ScriptDriver {
+    name: &'static str,
+    /// The interpreter and the script, relative to `tests/drivers/`.
+    program: fn() -> &'static str,
+    script: &'static str,
+    /// Run before anything else; fails when the driver is not installed.
+    probe: &'static [&'static str],
+    /// What to do when the probe fails.
+    install: &'static str,
+    /// Check names (prefixes) the transcript must contain: the features
+    /// this driver covers.
+    checks: &'static [&'static str],
+}
+
+const PSYCOPG2: ScriptDriver = ScriptDriver {
+    name: "psycopg2",
+    program: python3,
+    script: "compat_psycopg2.py",
+    probe: &["-c", "import psycopg2"],
+    install: "run .ci/install (Debian package python3-psycopg2)",
+    checks: &[
+        "backend_pid_is_pg_backend_pid",
+        "startup_parameters",
+        "parameters_after_set",
+        "timezone_after_rollback",
+        "notifications",
+        "cancel_running_statement",
+        "idle_cancels_that_hit_the_next_statement",
+        "copy_in_text",
+        "copy_out_text",
+        "copy_binary_round_trip",
+        "copy_in_bad_row",
+        "copy_in_large",
+        "lo_write",
+        "lo_read",
+        "lo_unlinked",
+        "error_unique",
+        "error_syntax",
+        "error_raise",
+        "error_internal_query",
+        "notices",
+        "prepared_results",
+        "types",
+        "end",
+    ],
+};
+
+/// The text of a check line, for failure messages.
+fn shorten(line: &str) -> String {
+    const MAX: usize = 600;
+    if line.len() <= MAX {
+        return line.to_string();
+    }
+    let cut = (0..=MAX)
+        .rev()
+        .find(|i| line.is_char_boundary(*i))
+        .unwrap_or(0);
+    format!("{}... ({} bytes)", &line[..cut], line.len())
+}
+
+fn drivers_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/drivers")
+}
+
+impl ScriptDriver {
+    fn command(&self) -> Command {
+        let mut cmd = Command::new((self.program)());
+        // node resolves `require` from the script's directory.
+        cmd.current_dir(drivers_dir().join(self.script).parent().expect("a dir"));
+        for (var, _) in std::env::vars_os() {
+            if var.to_string_lossy().starts_with("PG") {
+                cmd.env_remove(var);
+            }
+        }
+        cmd
+    }
+
+    /// Panics, naming the install step, when the driver is missing.
+    fn require_installed(&self) {
+        let out = self.command().args(self.probe).output();
+        let installed = out.as_ref().is_ok_and(|o| o.status.success());
+        assert!(
+            installed,
+            "{} is not installed ({}): {}\n{}",
+            self.name,
+            (self.program)(),
+            self.install,
+            out.as_ref().map(stderr).unwrap_or_else(|e| e.to_string())
+        );
+    }
+
+    /// The transcript of one run against `port` on 127.0.0.1.
+    fn transcript(&self, port: u16, against: &str) -> Vec<String> {
+        let out = self
+            .command()
+            .arg(drivers_dir().join(self.script))
+            .args(["127.0.0.1", &port.to_string()])
+            .args([SCRAM_USER.name, SCRAM_USER.password, APP_DB])
+            .output()
+            .unwrap_or_else(|e| panic!("spawn {} for {}: {e}", self.script, self.name));
+        assert!(
+            out.status.success(),
+            "{} against {against} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+            self.name,
+            out.status,
+            stdout(&out),
+            stderr(&out)
+        );
+        stdout(&out).lines().map(str::to_string).collect()
+    }
+
+    /// Runs the script directly and through the proxy and compares.
+    fn compare(&self) {
+        self.require_installed();
+        let env = ProxiedCluster::start();
+        let direct = self.transcript(env.cluster.primary.port(), "the node directly");
+        let proxied = self.transcript(env.proxy.port(), "the proxy");
+        assert_same_transcripts(self.name, self.checks, &direct, &proxied);
+    }
+}
+
+/// The transcripts are equal, complete, and cover every check in `checks`.
+pub fn assert_same_transcripts(
+    driver: &str,
+    checks: &[&str],
+    direct: &[String],
+    proxied: &[String],
+) {
+    let name = |line: &String| line.split('\t').next().unwrap_or_default().to_string();
+    let missing: Vec<&&str> = checks
+        .iter()
+        .filter(|c| !direct.iter().any(|l| name(l).starts_with(**c)))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{driver}: the direct transcript lacks the checks {missing:?}:\n{}",
+        direct.join("\n")
+    );
+    let differences: Vec<String> = direct
+        .iter()
+        .zip(proxied)
+        .filter(|(d, p)| d != p)
+        .map(|(d, p)| format!("direct:  {}\nproxied: {}", shorten(d), shorten(p)))
+        .collect();
+    assert!(
+        differences.is_empty() && direct.len() == proxied.len(),
+        "{driver} sees a difference through the proxy ({} lines direct, {} proxied):\n{}",
+        direct.len(),
+        proxied.len(),
+        differences.join("\n")
+    );
+    println!("{driver}: {} checks equal through the proxy", direct.len());
+}
+
+#[test]
+fn psycopg2_sees_through_the_proxy_what_it_sees_directly() {
+    PSYCOPG2.compare();
+}
+
+const ASYNCPG: ScriptDriver = ScriptDriver {
+    name: "asyncpg",
+    program: python3,
+    script: "compat_asyncpg.py",
+    probe: &["-c", "import asyncpg"],
+    install: "run .ci/install (Debian package python3-asyncpg)",
+    checks: &[
+        "backend_pid_is_pg_backend_pid",
+        "startup_parameters",
+        "parameters_after_set",
+        "timezone_after_commit_of_set_local",
+        "notifications",
+        "cancel_running_statement",
+        "timeout_cancels_that_hit_the_next_statement",
+        "copy_in_text",
+        "copy_in_binary_records",
+        "copy_out_text",
+        "copy_out_binary",
+        "copy_bad_row",
+        "binary_types",
+        "binary_parameters",
+        "executemany",
+        "cursor_prefetch",
+        "prepared_parameters",
+        "prepared_results",
+        "lo_read",
+        "error_unique",
+        "error_syntax",
+        "error_raise",
+        "notices",
+        "error_in_failed_transaction",
+        "end",
+    ],
+};
+
+#[test]
+fn asyncpg_sees_through_the_proxy_what_it_sees_directly() {
+    ASYNCPG.compare();
+}
