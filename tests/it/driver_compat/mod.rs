@@ -5,19 +5,19 @@
 //! sessions legitimately differ in (PIDs, cancel keys, large object OIDs)
 //! and print comparisons instead ("the pid a NOTIFY names is my own").
 //!
-//! | feature                  | psycopg2 | asyncpg |
-//! |--------------------------|----------|---------|
-//! | backend PID              | yes      | yes     |
-//! | LISTEN/NOTIFY            | yes      | yes     |
-//! | cancel a running query   | yes      | yes     |
-//! | cancel ordering (idle)   | yes      | yes     |
-//! | COPY in / out            | yes      | yes     |
-//! | binary formats           | COPY     | yes     |
-//! | pipelining               |          | yes     |
-//! | large objects            | fastpath | SQL     |
-//! | prepared statements      | SQL      | yes     |
-//! | error and notice fields  | yes      | yes     |
-//! | ParameterStatus changes  | yes      | yes     |
+//! | feature                  | psycopg2 | asyncpg | node-postgres |
+//! |--------------------------|----------|---------|---------------|
+//! | backend PID              | yes      | yes     | yes           |
+//! | LISTEN/NOTIFY            | yes      | yes     | yes           |
+//! | cancel a running query   | yes      | yes     | yes           |
+//! | cancel ordering (idle)   | yes      | yes     |               |
+//! | COPY in / out            | yes      | yes     | yes           |
+//! | binary formats           | COPY     | yes     | yes           |
+//! | pipelining               |          | yes     | yes           |
+//! | large objects            | fastpath | SQL     | SQL           |
+//! | prepared statements      | SQL      | yes     | yes           |
+//! | error and notice fields  | yes      | yes     | yes           |
+//! | ParameterStatus changes  | yes      | yes     | yes           |
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -223,4 +223,46 @@ const ASYNCPG: ScriptDriver = ScriptDriver {
 #[test]
 fn asyncpg_sees_through_the_proxy_what_it_sees_directly() {
     ASYNCPG.compare();
+}
+
+fn node() -> &'static str {
+    "node"
+}
+
+const NODE_POSTGRES: ScriptDriver = ScriptDriver {
+    name: "node-postgres",
+    program: node,
+    script: "node/compat.js",
+    probe: &["-e", "require('pg'); require('pg-copy-streams')"],
+    install: "run .ci/install (Node.js from Debian, then npm ci in tests/drivers/node)",
+    checks: &[
+        "backend_pid_is_pg_backend_pid",
+        "startup_parameter_status",
+        "parameter_status_after_set",
+        "notifications",
+        "cancel_running_statement",
+        "copy_in_text",
+        "copy_in_large",
+        "copy_out_text",
+        "copy_out_binary",
+        "copy_in_binary",
+        "copy_bad_row",
+        "text_types",
+        "binary_types",
+        "prepared_results",
+        "prepared_bad_argument",
+        "pipeline_outcomes",
+        "lo_read",
+        "error_unique",
+        "error_syntax",
+        "error_raise",
+        "notices",
+        "error_in_failed_transaction",
+        "end",
+    ],
+};
+
+#[test]
+fn node_postgres_sees_through_the_proxy_what_it_sees_directly() {
+    NODE_POSTGRES.compare();
 }
