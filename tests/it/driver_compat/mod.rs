@@ -5,19 +5,21 @@
 //! sessions legitimately differ in (PIDs, cancel keys, large object OIDs)
 //! and print comparisons instead ("the pid a NOTIFY names is my own").
 //!
-//! | feature                  | psycopg2 | asyncpg | node-postgres |
-//! |--------------------------|----------|---------|---------------|
-//! | backend PID              | yes      | yes     | yes           |
-//! | LISTEN/NOTIFY            | yes      | yes     | yes           |
-//! | cancel a running query   | yes      | yes     | yes           |
-//! | cancel ordering (idle)   | yes      | yes     |               |
-//! | COPY in / out            | yes      | yes     | yes           |
-//! | binary formats           | COPY     | yes     | yes           |
-//! | pipelining               |          | yes     | yes           |
-//! | large objects            | fastpath | SQL     | SQL           |
-//! | prepared statements      | SQL      | yes     | yes           |
-//! | error and notice fields  | yes      | yes     | yes           |
-//! | ParameterStatus changes  | yes      | yes     | yes           |
+//! | feature                  | psycopg2 | asyncpg | node-postgres | tokio-postgres |
+//! |--------------------------|----------|---------|---------------|----------------|
+//! | backend PID              | yes      | yes     | yes           | NOTIFY's pid   |
+//! | LISTEN/NOTIFY            | yes      | yes     | yes           | yes            |
+//! | cancel a running query   | yes      | yes     | yes           | yes            |
+//! | cancel ordering (idle)   | yes      | yes     |               |                |
+//! | COPY in / out            | yes      | yes     | yes           | yes            |
+//! | binary formats           | COPY     | yes     | yes           | yes            |
+//! | pipelining               |          | yes     | yes           | yes            |
+//! | large objects            | fastpath | SQL     | SQL           | SQL            |
+//! | prepared statements      | SQL      | yes     | yes           | yes            |
+//! | error and notice fields  | yes      | yes     | yes           | yes            |
+//! | ParameterStatus changes  | yes      | yes     | yes           | yes            |
+
+mod tokio_pg;
 
 use std::path::PathBuf;
 use std::process::Command;
