@@ -18,7 +18,11 @@
 //! | prepared statements      | SQL      | yes     | yes           | yes            |
 //! | error and notice fields  | yes      | yes     | yes           | yes            |
 //! | ParameterStatus changes  | yes      | yes     | yes           | yes            |
+//!
+//! None of these drivers can ask for protocol 3.2 (libpq learns it in 18):
+//! `protocol` sends raw StartupMessages for it.
 
+mod protocol;
 mod tokio_pg;
 
 use std::path::PathBuf;
