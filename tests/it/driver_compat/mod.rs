@@ -25,11 +25,16 @@
 mod protocol;
 mod tokio_pg;
 
+use std::fs::File;
 use std::path::PathBuf;
 use std::process::Command;
+use std::time::Duration;
 
-use crate::harness::{APP_DB, ProxiedCluster, SCRAM_USER, python3};
-use crate::util::{stderr, stdout};
+use crate::harness::{APP_DB, ProxiedCluster, SCRAM_USER, TempDir, python3};
+use crate::util::{stderr, wait_child};
+
+/// How long one transcript may take (each takes a few seconds).
+pub const SCRIPT_DEADLINE: Duration = Duration::from_secs(300);
 
 /// A driver exercised by a script in `tests/drivers/`.
 struct ScriptDriver {
@@ -124,23 +129,34 @@ impl ScriptDriver {
     }
 
     /// The transcript of one run against `port` on 127.0.0.1.
+    /// The script's output goes to files, so that a stalled relay ends in
+    /// a kill after `SCRIPT_DEADLINE` instead of a test that never ends.
     fn transcript(&self, port: u16, against: &str) -> Vec<String> {
-        let out = self
+        let dir = TempDir::new("pgf-driver");
+        let file = |name: &str| {
+            let path = dir.path().join(name);
+            (File::create(&path).expect("create an output file"), path)
+        };
+        let ((out, out_path), (err, err_path)) = (file("stdout"), file("stderr"));
+        let mut child = self
             .command()
             .arg(drivers_dir().join(self.script))
             .args(["127.0.0.1", &port.to_string()])
             .args([SCRAM_USER.name, SCRAM_USER.password, APP_DB])
-            .output()
+            .stdout(out)
+            .stderr(err)
+            .spawn()
             .unwrap_or_else(|e| panic!("spawn {} for {}: {e}", self.script, self.name));
+        let status = wait_child(&mut child, SCRIPT_DEADLINE);
+        let read = |path| std::fs::read_to_string(path).unwrap_or_default();
+        let (stdout, stderr) = (read(&out_path), read(&err_path));
         assert!(
-            out.status.success(),
-            "{} against {against} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+            status.is_some_and(|s| s.success()),
+            "{} against {against} failed ({status:?}; None: killed after {SCRIPT_DEADLINE:?}):\n\
+             stdout:\n{stdout}\nstderr:\n{stderr}",
             self.name,
-            out.status,
-            stdout(&out),
-            stderr(&out)
         );
-        stdout(&out).lines().map(str::to_string).collect()
+        stdout.lines().map(str::to_string).collect()
     }
 
     /// Runs the script directly and through the proxy and compares.
@@ -174,11 +190,13 @@ pub fn assert_same_transcripts(
         .iter()
         .zip(proxied)
         .filter(|(d, p)| d != p)
+        .take(10)
         .map(|(d, p)| format!("direct:  {}\nproxied: {}", shorten(d), shorten(p)))
         .collect();
     assert!(
         differences.is_empty() && direct.len() == proxied.len(),
-        "{driver} sees a difference through the proxy ({} lines direct, {} proxied):\n{}",
+        "{driver} sees a difference through the proxy ({} lines direct, {} proxied; \
+         the first differing lines):\n{}",
         direct.len(),
         proxied.len(),
         differences.join("\n")

@@ -13,7 +13,7 @@ use tokio_postgres::error::DbError;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{AsyncMessage, Client, NoTls};
 
-use super::assert_same_transcripts;
+use super::{SCRIPT_DEADLINE, assert_same_transcripts};
 use crate::harness::{APP_DB, DEADLINE, ProxiedCluster, SCRAM_USER, tcp_dsn};
 
 /// Parameters whose ParameterStatus the transcript follows.
@@ -551,7 +551,13 @@ const CHECKS: &[&str] = &[
 async fn tokio_postgres_sees_through_the_proxy_what_it_sees_directly() {
     let env = ProxiedCluster::start();
     let dsn = |port| tcp_dsn(port, SCRAM_USER.name, SCRAM_USER.password, APP_DB);
-    let direct = transcript(&dsn(env.cluster.primary.port())).await;
-    let proxied = transcript(&dsn(env.proxy.port())).await;
+    let run =
+        |port| tokio::time::timeout(SCRIPT_DEADLINE, async move { transcript(&dsn(port)).await });
+    let direct = run(env.cluster.primary.port())
+        .await
+        .expect("the direct run ends in time");
+    let proxied = run(env.proxy.port())
+        .await
+        .expect("the run through the proxy ends in time");
     assert_same_transcripts("tokio-postgres", CHECKS, &direct, &proxied);
 }
