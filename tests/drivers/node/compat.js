@@ -121,7 +121,13 @@ async function checkNotify(client, ownPid) {
   await other.end()
 }
 
-async function checkCancel(client, ownPid) {
+// On a client of its own, used for nothing else: pg's cancel() does not
+// wait for the node to close the cancel connection, and PostgreSQL may
+// deliver its signal late enough to cancel the next statement too (seen
+// directly with tokio-postgres, which does the same).
+async function checkCancel() {
+  const client = await connect()
+  const ownPid = (await client.query('SELECT pg_backend_pid() AS pid')).rows[0].pid
   const watcher = await connect()
   const query = new pg.Query('SELECT pg_sleep(30)')
   const result = new Promise((resolve) => {
@@ -137,8 +143,8 @@ async function checkCancel(client, ownPid) {
   })
   newClient().cancel(client, query) // a CancelRequest on a connection of its own
   out('cancel_running_statement', await result)
-  out('after_cancel', (await client.query("SELECT 'usable after a cancel' AS v")).rows[0].v)
   await watcher.end()
+  await client.end()
 }
 
 async function checkCopy(client) {
@@ -249,7 +255,7 @@ async function checkErrors(client) {
 async function main() {
   const { client, pid } = await checkSession()
   await checkNotify(client, pid)
-  await checkCancel(client, pid)
+  await checkCancel()
   await checkCopy(client)
   await checkExtended(client)
   await checkPipeline()
