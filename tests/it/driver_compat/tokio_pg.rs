@@ -338,6 +338,15 @@ async fn copy(client: &Client, t: &mut Vec<String>) {
         "copy_out_binary\t{} rows, last {last:?}",
         rows.len()
     ));
+    let md5: String = client
+        .query_one(
+            "SELECT md5(string_agg(id || coalesce(name, ''), ',' ORDER BY id)) FROM copy_t",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    t.push(format!("copy_table_md5\t{md5}"));
     let sink = client.copy_in("COPY copy_t FROM STDIN").await.unwrap();
     pin_mut!(sink);
     let bad = sink.send(Bytes::from_static(b"7\tx\nnope\tx\n")).await;
@@ -533,6 +542,7 @@ const CHECKS: &[&str] = &[
     "copy_in_binary",
     "copy_out_text",
     "copy_out_binary",
+    "copy_table_md5",
     "copy_bad_row",
     "binary_round_trip",
     "pipelined",
