@@ -24,6 +24,7 @@
 
 mod protocol;
 mod tokio_pg;
+mod tokio_session;
 
 use std::fs::File;
 use std::path::PathBuf;
