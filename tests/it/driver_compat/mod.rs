@@ -40,8 +40,9 @@ pub const SCRIPT_DEADLINE: Duration = Duration::from_secs(300);
 /// A driver exercised by a script in `tests/drivers/`.
 struct ScriptDriver {
     name: &'static str,
-    /// The interpreter and the script, relative to `tests/drivers/`.
+    /// The interpreter.
     program: fn() -> &'static str,
+    /// The script, relative to `tests/drivers/`; it runs in its directory.
     script: &'static str,
     /// Run before anything else; fails when the driver is not installed.
     probe: &'static [&'static str],
