@@ -39,7 +39,7 @@ def out(check, value):
 
 async def connect():
     return await asyncpg.connect(host=HOST, port=int(PORT), user=USER, password=PASSWORD,
-                                 database=DBNAME, timeout=30, ssl=False)
+                                 database=DBNAME, timeout=30)
 
 
 def error_fields(e):
