@@ -105,7 +105,7 @@ wait_ready "$PG_PORT" postgres
 log "starting pgfailover :$PGF_PORT, pgbouncer :$PGB_PORT"
 PGFAILOVER_LOG=warn PGFAILOVER_MONITOR_PASSWORD=unused "$PGFAILOVER" proxy \
   --listen "127.0.0.1:$PGF_PORT" --admin-listen "127.0.0.1:$ADMIN_PORT" --node "n1=127.0.0.1:$PG_PORT" \
-  --monitor-user postgres --monitor-interval 1s 2>"$TMP/pgfailover.log" &
+  --state-dir "$TMP/pgfailover-state" --monitor-user postgres --monitor-interval 1s 2>"$TMP/pgfailover.log" &
 PGF_PID=$!; PIDS+=("$PGF_PID")
 
 # PgBouncer in trust mode still looks the user up in auth_file. Session

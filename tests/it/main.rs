@@ -4,7 +4,8 @@
 //!
 //! Run with `cargo nextest run` (each test its own process) or `cargo test`.
 //! Needs root (PostgreSQL runs as the `postgres` OS user via runuser) and
-//! Debian's postgresql-15 / postgresql-client-15 / python3-psycopg2.
+//! Debian's postgresql-15 / postgresql-client-15 / python3-psycopg2 /
+//! python3-asyncpg, Node.js and tests/drivers/node (all from .ci/install).
 #![allow(clippy::unwrap_used)]
 // Tests print the figures they measure.
 #![allow(clippy::print_stdout)]
@@ -24,6 +25,7 @@ mod compose;
 mod copy;
 mod demo;
 mod disconnect;
+mod driver_compat;
 mod drivers;
 mod failover;
 mod failover_data;
