@@ -18,6 +18,10 @@ pub struct Metrics {
     pub sessions_closed_by_failover: IntCounter,
     /// Sessions served by a kept server connection (no fork on the node).
     pub pool_reused: IntCounter,
+    /// Idle sessions moved to a new primary without the client noticing.
+    pub sessions_moved: IntCounter,
+    /// Sessions that could not move, by reason.
+    pub sessions_not_moved: IntCounterVec,
     /// Server connections kept for reuse, per node.
     pub pooled: prometheus::IntGaugeVec,
     pub backend_connect_seconds: Histogram,
@@ -65,6 +69,17 @@ impl Metrics {
                 "pgfailover_server_connections_reused_total",
                 "Client sessions served by a pooled server connection (--client-auth proxy)",
             ))?,
+            sessions_moved: IntCounter::with_opts(opts(
+                "pgfailover_sessions_moved_total",
+                "Idle sessions moved to a new primary when theirs changed (--client-auth proxy)",
+            ))?,
+            sessions_not_moved: IntCounterVec::new(
+                opts(
+                    "pgfailover_sessions_not_moved_total",
+                    "Sessions closed at a change of primary that could not move, by reason",
+                ),
+                &["reason"],
+            )?,
             pooled: prometheus::IntGaugeVec::new(
                 opts(
                     "pgfailover_pooled_server_connections",
@@ -159,6 +174,8 @@ impl Metrics {
         r.register(Box::new(self.sessions_closed_by_failover.clone()))?;
         r.register(Box::new(self.pool_reused.clone()))?;
         r.register(Box::new(self.pooled.clone()))?;
+        r.register(Box::new(self.sessions_moved.clone()))?;
+        r.register(Box::new(self.sessions_not_moved.clone()))?;
         r.register(Box::new(self.backend_connect_seconds.clone()))?;
         r.register(Box::new(self.relayed_bytes.clone()))?;
         r.register(Box::new(self.protocol_errors.clone()))?;

@@ -38,6 +38,24 @@ pub struct BackendConn {
     buf: BytesMut,
 }
 
+/// A login made by `login_quietly`.
+pub struct QuietLogin {
+    pub node: Arc<NodeSpec>,
+    pub term: u64,
+    pub stream: PgStream,
+    pub pending: BytesMut,
+    pub parameters: BytesMut,
+    pub backend_key: CancelKey,
+}
+
+/// The message of an ErrorResponse body (its `M` field).
+pub fn error_text(body: &[u8]) -> String {
+    body.split(|b| *b == 0)
+        .find_map(|field| field.strip_prefix(b"M"))
+        .map(|m| String::from_utf8_lossy(m).into_owned())
+        .unwrap_or_else(|| "an error".to_owned())
+}
+
 /// A backend session ready for the relay.
 pub struct ReadyBackend {
     pub node: Arc<NodeSpec>,
@@ -161,6 +179,43 @@ impl BackendConn {
                     out.extend_from_slice(&frame.bytes);
                 }
                 _ => out.extend_from_slice(&frame.bytes),
+            }
+        }
+    }
+
+    /// Logs in on a client's behalf with nobody listening (a session
+    /// moving to a new primary): the node's messages are kept, not sent.
+    pub async fn login_quietly(mut self, mut login: NodeLogin) -> Result<QuietLogin, String> {
+        let mut parameters = BytesMut::new();
+        let mut backend_key = None;
+        loop {
+            let frame = match self.next_frame().map_err(|e| e.to_string())? {
+                Some(frame) => frame,
+                None => {
+                    self.read_more().await.map_err(|e| e.to_string())?;
+                    continue;
+                }
+            };
+            match frame.tag {
+                b'R' => {
+                    if let Step::Answer(answer) = login.step(&frame).map_err(|e| e.to_string())? {
+                        self.write(&answer).await.map_err(|e| e.to_string())?;
+                    }
+                }
+                b'S' => parameters.extend_from_slice(&frame.bytes),
+                b'K' => backend_key = CancelKey::parse(frame.body()),
+                b'E' => return Err(error_text(frame.body())),
+                b'Z' => {
+                    return Ok(QuietLogin {
+                        node: self.node,
+                        term: self.term,
+                        stream: self.stream,
+                        pending: self.buf,
+                        parameters,
+                        backend_key: backend_key.ok_or("no BackendKeyData")?,
+                    });
+                }
+                _ => {}
             }
         }
     }

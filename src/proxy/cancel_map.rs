@@ -52,6 +52,19 @@ impl CancelRegistration {
     pub fn target(&self) -> &CancelTarget {
         &self.target
     }
+
+    /// Points the client's key at another backend (its session moved to a
+    /// new primary): the client keeps cancelling with the key it has.
+    pub fn retarget(&mut self, target: CancelTarget) {
+        let mut entries = self.map.lock();
+        if let Some(entry) = entries
+            .get_mut(&self.key.pid)
+            .and_then(|same| same.iter_mut().find(|e| e.secret == self.key.secret))
+        {
+            entry.target = target.clone();
+        }
+        self.target = target;
+    }
 }
 
 impl Drop for CancelRegistration {

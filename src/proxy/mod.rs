@@ -6,6 +6,8 @@ mod client;
 mod client_auth;
 mod error;
 mod handshake;
+mod memory;
+mod moving;
 mod node_login;
 mod pool;
 mod relay;

@@ -12,6 +12,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use prometheus::IntCounter;
 
+use super::memory::SessionMemory;
 use super::relay_buf::{InputReady, LocalCount, RelayBuf};
 use super::sessions::{REPLY_TAGS, REQUEST_TAGS, SessionStatus, Sessions};
 use super::tls::PgStream;
@@ -53,6 +54,11 @@ pub struct Downstream {
     /// message.
     writing: bool,
     broken: bool,
+    /// The session may move to another server connection: an error the
+    /// node sends a session with nothing in flight (the node is going
+    /// away) is held back here instead of reaching the client.
+    pub movable: bool,
+    pub held_error: Option<BytesMut>,
 }
 
 impl Default for Downstream {
@@ -61,6 +67,8 @@ impl Default for Downstream {
             tracker: BoundaryTracker::counting(REPLY_TAGS),
             writing: false,
             broken: false,
+            movable: false,
+            held_error: None,
         }
     }
 }
@@ -97,6 +105,12 @@ pub struct RelayState<'a> {
     /// A client's Terminate between transactions ends the relay instead
     /// of reaching the node (its connection goes back to the pool).
     pub keep_backend: bool,
+    /// Where the client's session state is recorded, when the session may
+    /// move to another server connection.
+    pub memory: Option<&'a mut SessionMemory>,
+    /// Client input held back while a switchover drains: if the relay
+    /// ends meanwhile (the session moves), it is still here, unsent.
+    pub held: &'a mut BytesMut,
 }
 
 /// Relays until either side ends or `evict` resolves. `*_pending` are
@@ -158,6 +172,8 @@ where
         downstream,
         counters,
         keep_backend,
+        memory,
+        held,
     } = state;
     // Set once the client's Terminate went to the node: the node's close
     // that follows is the end of a normal goodbye, not a lost backend.
@@ -172,6 +188,7 @@ where
             client_pending,
             (status, gate, lease, &said_goodbye),
             (counters.to_server, keep_backend),
+            (memory, held),
         ) => end,
         end = backend_to_client(
             backend.0,
@@ -196,6 +213,8 @@ struct Upstream<'a> {
     tracking: bool,
     count: LocalCount<'a>,
     keep_backend: bool,
+    memory: Option<&'a mut SessionMemory>,
+    held: &'a mut BytesMut,
 }
 
 impl Upstream<'_> {
@@ -219,12 +238,19 @@ impl Upstream<'_> {
         // A switchover is draining: a session between transactions
         // starts nothing new until it is over (or is closed by it).
         if self.gate.is_paused() && self.status.is_idle() {
+            // Kept outside this future while it waits: a session that
+            // moves to the new primary takes it along.
+            self.held.extend_from_slice(chunk);
             self.gate.wait_resumed().await;
+            self.held.clear();
         }
         // Checked after any wait, right before the write: a relay
         // resumed after a freeze forwards nothing past its lease.
         if !self.lease.allows() {
             return Err(RelayEnd::LeaseExpired);
+        }
+        if let Some(memory) = self.memory.as_deref_mut() {
+            memory.feed(chunk, self.status.get() != b'I');
         }
         // A malformed client message is the backend's to reject (it
         // answers 08P01 itself); the proxy just stops following.
@@ -272,6 +298,7 @@ async fn client_to_backend<CR>(
     pending: BytesMut,
     (status, gate, lease, said_goodbye): (&SessionStatus, &Sessions, &LeaseGate, &AtomicBool),
     (counter, keep_backend): (&IntCounter, bool),
+    (memory, held): (Option<&mut SessionMemory>, &mut BytesMut),
 ) -> RelayEnd
 where
     CR: AsyncRead + InputReady + Unpin,
@@ -285,6 +312,8 @@ where
         tracking: true,
         count: LocalCount::new(counter),
         keep_backend,
+        memory,
+        held,
     };
     if let Err(end) = up.forward(&pending, backend).await {
         return end;
@@ -313,6 +342,16 @@ async fn forward_down(
 ) -> Result<(), RelayEnd> {
     if chunk.is_empty() {
         return Ok(());
+    }
+    if state.movable
+        && chunk.first() == Some(&ERROR_RESPONSE)
+        && state.tracker.at_boundary()
+        && status.is_idle()
+    {
+        // Nothing asked for it: a FATAL ending the session (shutdown,
+        // postmaster death, termination). Kept until the move decides.
+        state.held_error = Some(BytesMut::from(chunk));
+        return Err(RelayEnd::BackendLost(None));
     }
     if state.tracker.feed(chunk).is_err() {
         state.broken = true;

@@ -15,11 +15,13 @@ use super::client::ClientConn;
 use super::client_auth::authenticate_client;
 use super::error::SessionError;
 use super::handshake::{ClientRequest, negotiate};
+use super::memory::SessionMemory;
+use super::moving::{Mover, NotMoved, move_session};
 use super::node_login::NodeLogin;
 use super::pool::{self, PoolKey, Pooled};
 use super::relay::{Downstream, RelayEnd, RelayState, relay};
 use super::route::{connect_writable, route_gone};
-use super::sessions::Registration;
+use super::sessions::{Registration, SessionStatus};
 use super::tls::PgStream;
 use super::{Proxy, SessionLimits};
 use crate::auth::scram::ServerBinding;
@@ -65,7 +67,9 @@ pub async fn serve(proxy: Arc<Proxy>, stream: TcpStream, peer: SocketAddr, admis
         // Boxed: the handshake's state is freed when it is over instead of
         // sizing the task of every idle session.
         match Box::pin(prepare(&proxy, id, &mut client, &admission)).await {
-            Ok((ready, registration)) => relay_session(&proxy, client, ready, registration).await,
+            Ok((ready, registration, mover)) => {
+                relay_session(&proxy, id, client, (ready, registration), mover).await
+            }
             Err(e) => refuse(&proxy, &mut client, e).await,
         }
     }
@@ -79,7 +83,7 @@ async fn prepare(
     session_id: u64,
     client: &mut ClientConn,
     admission: &Admission,
-) -> Result<(ReadyBackend, Registration), SessionError> {
+) -> Result<(ReadyBackend, Registration, Option<Mover>), SessionError> {
     let limits = proxy.limits();
     let startup_timeout = limits.startup_timeout;
     let request = timeout(startup_timeout, negotiate(client, &proxy.config.tls))
@@ -111,10 +115,18 @@ async fn prepare(
         None => None,
     };
 
+    // With the client's credentials the session can move to a new
+    // primary later; its state is recorded from here on.
+    let mover = credentials.clone().map(|credentials| Mover {
+        startup: startup.clone(),
+        credentials,
+        memory: SessionMemory::default(),
+    });
     if credentials.is_some()
-        && let Some(reused) = reuse_pooled(proxy, session_id, client, &startup).await?
+        && let Some((ready, registration)) =
+            reuse_pooled(proxy, session_id, client, &startup).await?
     {
-        return Ok(reused);
+        return Ok((ready, registration, mover));
     }
     let deadline = Instant::now() + limits.hold_timeout;
     let (backend, registration) =
@@ -137,7 +149,7 @@ async fn prepare(
             if proxy.pool.is_some() && ready.cancel.is_some() {
                 ready.reuse_key = Some(startup.raw.clone());
             }
-            Ok((ready, registration))
+            Ok((ready, registration, mover))
         }
         reason = route_gone(&proxy.topology, term, &node) => Err(SessionError::RouteGone(reason)),
     }
@@ -330,7 +342,7 @@ fn publish_pool_sizes(proxy: &Proxy, pool: &pool::ServerPool) {
 /// The session is registered on its node before anything is sent, busy
 /// until its first ReadyForQuery, so that a switchover's drain waits for
 /// an authentication under way instead of cutting it with 57P01.
-async fn open_backend(
+pub(super) async fn open_backend(
     proxy: &Proxy,
     session_id: u64,
     startup: &StartupMessage,
@@ -402,16 +414,108 @@ fn admit(
 
 async fn relay_session(
     proxy: &Proxy,
+    session_id: u64,
     client: ClientConn,
-    mut ready: ReadyBackend,
-    registration: Registration,
+    (mut ready, mut registration): (ReadyBackend, Registration),
+    mut mover: Option<Mover>,
 ) {
     debug!("session ready");
-    let (mut client, client_pending) = client.into_parts();
-    let mut backend = ready.stream;
-    let status = &registration.status;
-    status.set(ready.status.as_byte());
-    let mut downstream = Downstream::default();
+    let (mut client, mut client_pending) = client.into_parts();
+    loop {
+        let mut backend = std::mem::replace(&mut ready.stream, PgStream::Gone);
+        registration.status.set(ready.status.as_byte());
+        let mut downstream = Downstream::default();
+        downstream.movable = mover.is_some();
+        let mut held = BytesMut::new();
+        let end = relay_once(
+            proxy,
+            (&mut client, std::mem::take(&mut client_pending)),
+            (&mut backend, &mut ready),
+            &registration,
+            (
+                &mut downstream,
+                &mut held,
+                mover.as_mut().map(|m| &mut m.memory),
+            ),
+        )
+        .await;
+        let status = &registration.status;
+        let movable_end = match &end {
+            RelayEnd::Evicted(_) => proxy.topology.lease.allows(),
+            RelayEnd::BackendLost(_) => true,
+            _ => false,
+        };
+        let idle = downstream.can_inject() && status.is_idle();
+        if let (true, true, Some(m)) = (movable_end, idle, mover.as_ref()) {
+            match m.memory.pinned {
+                None => {
+                    say_goodbye(&mut backend).await;
+                    drop(backend);
+                    drop(registration);
+                    let ended_by_node = downstream.held_error.is_some();
+                    match move_session(proxy, session_id, m, ready, ended_by_node).await {
+                        Ok(moved) => {
+                            proxy.metrics.sessions_moved.inc();
+                            info!(node = %moved.ready.node.name, "session moved to the new primary");
+                            if !moved.notices.is_empty()
+                                && client.write_all(&moved.notices).await.is_err()
+                            {
+                                return;
+                            }
+                            ready = moved.ready;
+                            registration = moved.registration;
+                            client_pending = held;
+                            continue;
+                        }
+                        Err(NotMoved::EndedByNode) => {
+                            if let Some(error) = &downstream.held_error {
+                                let _ = client.write_all(error).await;
+                                let _ = client.flush().await;
+                            }
+                            return;
+                        }
+                        Err(NotMoved::Failed(why)) => {
+                            not_moved(proxy, &mut client, &end, "move_failed", &why).await;
+                            return;
+                        }
+                    }
+                }
+                Some(reason) => {
+                    say_goodbye(&mut backend).await;
+                    not_moved(proxy, &mut client, &end, pinned_label(reason), reason).await;
+                    return;
+                }
+            }
+        }
+        if movable_end && mover.is_some() && downstream.can_inject() {
+            // At a message boundary but inside a transaction, or with a
+            // statement in flight: its outcome or its state cannot move.
+            say_goodbye(&mut backend).await;
+            let why = "it was inside a transaction or had a statement in flight";
+            not_moved(proxy, &mut client, &end, "transaction", why).await;
+            return;
+        }
+        end_session(
+            proxy,
+            &mut client,
+            backend,
+            ready,
+            (end, &downstream, status),
+        )
+        .await;
+        return;
+    }
+}
+
+/// One relay between the client and `ready`'s node until either ends or
+/// the route goes away.
+async fn relay_once(
+    proxy: &Proxy,
+    (client, client_pending): (&mut PgStream, BytesMut),
+    (backend, ready): (&mut PgStream, &mut ReadyBackend),
+    registration: &Registration,
+    (downstream, held, memory): (&mut Downstream, &mut BytesMut, Option<&mut SessionMemory>),
+) -> RelayEnd {
     let node = ready.node.name.as_str();
     // The route goes away with a new term or a block from the
     // coordinator, or at the lease's end on the data plane's own timer.
@@ -424,22 +528,68 @@ async fn relay_session(
     // Pinned here and lent to the relay, so the relay's own futures do
     // not hold a second copy of it.
     tokio::pin!(evict);
-    let end = relay(
-        &mut client,
+    relay(
+        client,
         client_pending,
-        &mut backend,
+        backend,
         std::mem::take(&mut ready.pending),
         RelayState {
-            status,
+            status: &registration.status,
             lease: &proxy.topology.lease,
             gate: &proxy.sessions,
-            downstream: &mut downstream,
+            downstream,
             counters: proxy.relay_counters(),
             keep_backend: ready.reuse_key.is_some(),
+            memory,
+            held,
         },
         evict.as_mut(),
     )
-    .await;
+    .await
+}
+
+/// A session that could have moved but did not: it gets the error it
+/// would have got anyway, saying why it stayed behind.
+async fn not_moved(proxy: &Proxy, client: &mut PgStream, end: &RelayEnd, label: &str, why: &str) {
+    proxy
+        .metrics
+        .sessions_not_moved
+        .with_label_values(&[label])
+        .inc();
+    info!(reason = %why, "session not moved to the new primary");
+    let (code, message) = match end {
+        RelayEnd::Evicted(reason) => (sqlstate::ADMIN_SHUTDOWN, reason.clone()),
+        _ => (
+            sqlstate::CONNECTION_FAILURE,
+            "lost the connection to the PostgreSQL primary; reconnect".to_owned(),
+        ),
+    };
+    let error = ProxyError::fatal(code, message)
+        .with_detail(format!("pgfailover could not move this session: {why}"));
+    let _ = client.write_all(&error.to_bytes()).await;
+    let _ = client.flush().await;
+}
+
+/// A low-cardinality metric label for why a session is pinned.
+fn pinned_label(reason: &str) -> &'static str {
+    match reason {
+        r if r.contains("temporary") => "temporary_table",
+        r if r.contains("advisory") => "advisory_lock",
+        r if r.contains("WITH HOLD") => "hold_cursor",
+        r if r.contains("transaction") => "state_in_transaction",
+        _ => "session_state",
+    }
+}
+
+/// How a session that does not move ends, per `RelayEnd`.
+async fn end_session(
+    proxy: &Proxy,
+    client: &mut PgStream,
+    mut backend: PgStream,
+    ready: ReadyBackend,
+    (end, downstream, status): (RelayEnd, &Downstream, &SessionStatus),
+) {
+    let node = ready.node.name.as_str();
     let last_status = char::from(status.get());
     let goodbye: Option<(&'static str, String)> = match end {
         RelayEnd::ClientTerminated => {

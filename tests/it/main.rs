@@ -32,6 +32,7 @@ mod failover_data;
 mod failover_safety;
 mod harness_selftest;
 mod hostile;
+mod moving;
 mod node_agent;
 mod notify;
 mod ops;

@@ -208,11 +208,17 @@ pub struct AgentCluster {
 
 impl AgentCluster {
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// `start` with more flags for the proxy.
+    pub fn start_with(extra_proxy_args: &[&str]) -> Self {
         let nodes = [("n1", free_port()), ("n2", free_port())];
         let voters = VoterSet::new(&["p1", "n1", "n2"]);
         let n1 = AgentProcess::start("n1", nodes[0].1, "primary", None, &nodes, &voters);
         let n2 = AgentProcess::start("n2", nodes[1].1, "standby", Some(nodes[0]), &nodes, &voters);
-        let args = voters.args_for("p1");
+        let mut args = voters.args_for("p1");
+        args.extend(extra_proxy_args.iter().map(|a| a.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let proxy = ProxyProcess::start(&nodes, &args);
         let c = Self {

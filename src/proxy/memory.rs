@@ -1,0 +1,408 @@
+//! What a session must carry to another server connection: a cheap scan
+//! of the client's messages (`--client-auth proxy` only) that records the
+//! statements that set session state (SET, RESET, LISTEN, PREPARE, named
+//! prepared statements) to replay them on the new primary, and *pins* the
+//! session when it holds state that cannot be moved (a temporary table, a
+//! session advisory lock, a WITH HOLD cursor, a DO block, state set inside
+//! a transaction, a statement too large to inspect). The scan reads each
+//! Query, Parse and Close message where it lies in the relay's buffer;
+//! only a message split across reads is copied, up to `MAX_INSPECTED`.
+
+use bytes::Bytes;
+
+/// Largest Query or Parse message inspected; a larger one pins.
+const MAX_INSPECTED: usize = 64 * 1024;
+
+/// Something to run again on a new server connection, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Replay {
+    /// A simple-query statement (SET, RESET, LISTEN, PREPARE, ...).
+    Query(String),
+    /// A named Parse message, as the client sent it.
+    Parse { name: String, message: Bytes },
+}
+
+/// The session's movable state, or why it cannot move.
+#[derive(Debug, Default)]
+pub struct SessionMemory {
+    pub replay: Vec<Replay>,
+    pub pinned: Option<&'static str>,
+    framer: Framer,
+}
+
+/// Follows message boundaries across reads.
+#[derive(Debug, Default)]
+struct Framer {
+    header: Vec<u8>,
+    /// Bytes of the current message's body not seen yet.
+    remaining: usize,
+    tag: u8,
+    /// The current message so far, when it must be inspected and is split.
+    partial: Option<Vec<u8>>,
+}
+
+impl SessionMemory {
+    /// Scans one chunk the client sent; `in_transaction`: the session was
+    /// inside a transaction block when it was sent.
+    pub fn feed(&mut self, mut chunk: &[u8], mut in_transaction: bool) {
+        while !chunk.is_empty() && self.pinned.is_none() {
+            let framer = &mut self.framer;
+            if framer.remaining == 0 && framer.partial.is_none() {
+                // A header: tag and length, possibly split.
+                let need = 5 - framer.header.len();
+                let take = need.min(chunk.len());
+                framer.header.extend_from_slice(&chunk[..take]);
+                chunk = &chunk[take..];
+                if framer.header.len() < 5 {
+                    return;
+                }
+                let tag = framer.header[0];
+                let len = u32::from_be_bytes([
+                    framer.header[1],
+                    framer.header[2],
+                    framer.header[3],
+                    framer.header[4],
+                ]) as usize;
+                framer.header.clear();
+                let body = len.saturating_sub(4);
+                framer.tag = tag;
+                framer.remaining = body;
+                if !inspected(tag) {
+                    continue;
+                }
+                if body > MAX_INSPECTED {
+                    self.pinned = Some("a statement too large to inspect");
+                    return;
+                }
+                if chunk.len() >= body {
+                    let (message, rest) = chunk.split_at(body);
+                    self.framer.remaining = 0;
+                    in_transaction |= self.inspect(tag, len, message, in_transaction);
+                    chunk = rest;
+                } else {
+                    let mut partial = Vec::with_capacity(body);
+                    partial.extend_from_slice(chunk);
+                    self.framer.remaining = body - chunk.len();
+                    self.framer.partial = Some(partial);
+                    return;
+                }
+            } else {
+                let take = framer.remaining.min(chunk.len());
+                if let Some(partial) = framer.partial.as_mut() {
+                    partial.extend_from_slice(&chunk[..take]);
+                }
+                framer.remaining -= take;
+                chunk = &chunk[take..];
+                if framer.remaining == 0
+                    && let Some(body) = framer.partial.take()
+                {
+                    let tag = framer.tag;
+                    in_transaction |= self.inspect(tag, body.len() + 4, &body, in_transaction);
+                }
+            }
+        }
+    }
+
+    /// Inspects one whole message; true when it opens a transaction (what
+    /// follows in the same read runs inside it).
+    fn inspect(&mut self, tag: u8, len: usize, body: &[u8], in_transaction: bool) -> bool {
+        match tag {
+            b'Q' => return self.query(cstr(body).0, in_transaction),
+            b'P' => self.parse(len, body, in_transaction),
+            b'C' => self.close(body),
+            _ => {}
+        }
+        false
+    }
+
+    fn query(&mut self, sql: &str, in_transaction: bool) -> bool {
+        let statements: Vec<&str> = sql
+            .split(';')
+            .map(str::trim)
+            .filter(|s| !strip_comments(s).is_empty())
+            .collect();
+        let kinds: Vec<Kind> = statements.iter().map(|s| classify(s)).collect();
+        if let Some(reason) = kinds.iter().find_map(|k| match k {
+            Kind::Pins(reason) => Some(*reason),
+            _ => None,
+        }) {
+            self.pinned = Some(reason);
+            return false;
+        }
+        let begins = kinds.contains(&Kind::Begin);
+        let sets_state = kinds
+            .iter()
+            .any(|k| matches!(k, Kind::Replay | Kind::DiscardAll));
+        if !sets_state {
+            return begins;
+        }
+        if in_transaction || statements.len() > 1 {
+            // Undone by a rollback, or mixed with other work: replaying it
+            // alone would not give the same state.
+            self.pinned = Some("session state set inside a transaction");
+            return begins;
+        }
+        match kinds.first() {
+            Some(Kind::DiscardAll) => self.replay.clear(),
+            _ => self.replay.push(Replay::Query(sql.trim().to_owned())),
+        }
+        false
+    }
+
+    fn parse(&mut self, len: usize, body: &[u8], in_transaction: bool) {
+        let (name, rest) = cstr(body);
+        let (sql, _) = cstr(rest);
+        match classify(sql) {
+            Kind::Pins(reason) => {
+                self.pinned = Some(reason);
+                return;
+            }
+            // SET and the like through the extended protocol: their effect
+            // comes with Execute, which this scan does not follow.
+            Kind::Replay | Kind::DiscardAll => {
+                self.pinned = Some("session state set through the extended protocol");
+                return;
+            }
+            Kind::Plain | Kind::Begin => {}
+        }
+        if name.is_empty() {
+            return;
+        }
+        if in_transaction {
+            self.pinned = Some("a statement prepared inside a transaction");
+            return;
+        }
+        let mut message = Vec::with_capacity(len + 1);
+        message.push(b'P');
+        message.extend_from_slice(&(len as u32).to_be_bytes());
+        message.extend_from_slice(body);
+        self.replay
+            .retain(|r| !matches!(r, Replay::Parse { name: n, .. } if n == name));
+        self.replay.push(Replay::Parse {
+            name: name.to_owned(),
+            message: message.into(),
+        });
+    }
+
+    fn close(&mut self, body: &[u8]) {
+        if body.first() != Some(&b'S') {
+            return;
+        }
+        let (name, _) = cstr(&body[1..]);
+        self.replay
+            .retain(|r| !matches!(r, Replay::Parse { name: n, .. } if n == name));
+    }
+}
+
+fn inspected(tag: u8) -> bool {
+    matches!(tag, b'Q' | b'P' | b'C')
+}
+
+/// A NUL-terminated string at the start of `bytes`, and what follows.
+fn cstr(bytes: &[u8]) -> (&str, &[u8]) {
+    let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
+    let text = std::str::from_utf8(&bytes[..end]).unwrap_or("");
+    (text, bytes.get(end + 1..).unwrap_or_default())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// No session state.
+    Plain,
+    /// Session state a replay restores.
+    Replay,
+    /// DISCARD ALL: nothing to replay from before.
+    DiscardAll,
+    /// State that cannot move.
+    Pins(&'static str),
+    /// BEGIN or START TRANSACTION.
+    Begin,
+}
+
+/// Drops leading comments and whitespace.
+fn strip_comments(mut s: &str) -> &str {
+    loop {
+        s = s.trim_start();
+        if let Some(rest) = s.strip_prefix("--") {
+            s = rest.split_once('\n').map(|(_, r)| r).unwrap_or("");
+        } else if let Some(rest) = s.strip_prefix("/*") {
+            s = rest.split_once("*/").map(|(_, r)| r).unwrap_or("");
+        } else {
+            return s;
+        }
+    }
+}
+
+/// What one statement does to session state, from its leading words
+/// (and, for functions that lock or set state, from anywhere in it).
+fn classify(statement: &str) -> Kind {
+    let text = strip_comments(statement).to_ascii_lowercase();
+    if text.contains("pg_advisory_lock") || text.contains("pg_try_advisory_lock") {
+        return Kind::Pins("a session advisory lock");
+    }
+    if text.contains("set_config") {
+        return Kind::Pins("set_config() may set session state");
+    }
+    let mut words = text
+        .split(|c: char| c.is_whitespace() || c == '(')
+        .filter(|w| !w.is_empty());
+    let first = words.next().unwrap_or("");
+    let second = words.next().unwrap_or("");
+    match (first, second) {
+        ("set", "local" | "transaction") => Kind::Plain,
+        ("set" | "reset" | "listen" | "unlisten" | "prepare" | "deallocate", _) => Kind::Replay,
+        ("discard", "all") => Kind::DiscardAll,
+        ("begin", _) | ("start", "transaction") => Kind::Begin,
+        ("create", "temp" | "temporary" | "local" | "global") => Kind::Pins("a temporary table"),
+        ("declare", _) if text.contains("with hold") => Kind::Pins("a WITH HOLD cursor"),
+        ("do", _) => Kind::Pins("a DO block may change session state"),
+        ("load", _) => Kind::Pins("a loaded library"),
+        _ => Kind::Plain,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn query(sql: &str) -> Vec<u8> {
+        let mut m = vec![b'Q'];
+        m.extend_from_slice(&((sql.len() + 5) as u32).to_be_bytes());
+        m.extend_from_slice(sql.as_bytes());
+        m.push(0);
+        m
+    }
+
+    fn parse(name: &str, sql: &str) -> Vec<u8> {
+        let mut body = Vec::new();
+        body.extend_from_slice(name.as_bytes());
+        body.push(0);
+        body.extend_from_slice(sql.as_bytes());
+        body.push(0);
+        body.extend_from_slice(&0u16.to_be_bytes());
+        let mut m = vec![b'P'];
+        m.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        m.extend_from_slice(&body);
+        m
+    }
+
+    fn close(name: &str) -> Vec<u8> {
+        let mut m = vec![b'C'];
+        m.extend_from_slice(&((name.len() + 6) as u32).to_be_bytes());
+        m.push(b'S');
+        m.extend_from_slice(name.as_bytes());
+        m.push(0);
+        m
+    }
+
+    #[test]
+    fn records_what_sets_session_state_in_order() {
+        let mut m = SessionMemory::default();
+        m.feed(&query("SET search_path = app"), false);
+        m.feed(&query("SELECT 1"), false);
+        m.feed(&query("LISTEN jobs"), false);
+        m.feed(&query("UPDATE t SET x = 1"), false);
+        m.feed(&query("PREPARE q AS SELECT 2"), false);
+        assert_eq!(m.pinned, None);
+        assert_eq!(
+            m.replay,
+            vec![
+                Replay::Query("SET search_path = app".into()),
+                Replay::Query("LISTEN jobs".into()),
+                Replay::Query("PREPARE q AS SELECT 2".into()),
+            ]
+        );
+        m.feed(&query("DISCARD ALL"), false);
+        assert!(m.replay.is_empty());
+    }
+
+    #[test]
+    fn keeps_named_statements_until_closed_even_split_across_reads() {
+        let mut m = SessionMemory::default();
+        let mut bytes = parse("s1", "SELECT $1::int");
+        bytes.extend(parse("", "SELECT 3"));
+        bytes.extend(parse("s2", "SELECT 4"));
+        for piece in bytes.chunks(3) {
+            m.feed(piece, false);
+        }
+        let names: Vec<&str> = m
+            .replay
+            .iter()
+            .map(|r| match r {
+                Replay::Parse { name, .. } => name.as_str(),
+                Replay::Query(q) => q.as_str(),
+            })
+            .collect();
+        assert_eq!(names, ["s1", "s2"]);
+        assert_eq!(
+            m.replay[0],
+            Replay::Parse {
+                name: "s1".into(),
+                message: parse("s1", "SELECT $1::int").into()
+            }
+        );
+        m.feed(&close("s1"), false);
+        assert_eq!(m.replay.len(), 1);
+    }
+
+    #[test]
+    fn pins_what_cannot_move() {
+        let cases = [
+            ("CREATE TEMP TABLE t (x int)", false, "a temporary table"),
+            (
+                "SELECT pg_advisory_lock(1)",
+                false,
+                "a session advisory lock",
+            ),
+            (
+                "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
+                false,
+                "a WITH HOLD cursor",
+            ),
+            (
+                "DO $$ BEGIN END $$",
+                false,
+                "a DO block may change session state",
+            ),
+            (
+                "SET search_path = x",
+                true,
+                "session state set inside a transaction",
+            ),
+            (
+                "SELECT 1; SET a.b = 1",
+                false,
+                "session state set inside a transaction",
+            ),
+            (
+                "SELECT set_config('a.b', '1', false)",
+                false,
+                "set_config() may set session state",
+            ),
+        ];
+        for (sql, in_transaction, reason) in cases {
+            let mut m = SessionMemory::default();
+            m.feed(&query(sql), in_transaction);
+            assert_eq!(m.pinned, Some(reason), "{sql}");
+        }
+        let mut pipelined = query("BEGIN");
+        pipelined.extend(query("SET search_path = x"));
+        let mut m = SessionMemory::default();
+        m.feed(&pipelined, false);
+        assert_eq!(
+            m.pinned,
+            Some("session state set inside a transaction"),
+            "pipelined"
+        );
+        let mut m = SessionMemory::default();
+        m.feed(&query("SET LOCAL work_mem = '1MB'"), true);
+        m.feed(&query("/* hi */ select 1"), true);
+        assert_eq!(m.pinned, None, "transaction-scoped");
+        let mut m = SessionMemory::default();
+        m.feed(&parse("", "SET search_path = x"), false);
+        assert!(m.pinned.is_some(), "SET through Parse/Execute");
+        let mut m = SessionMemory::default();
+        m.feed(&query(&"x".repeat(MAX_INSPECTED + 1)), false);
+        assert_eq!(m.pinned, Some("a statement too large to inspect"));
+    }
+}

@@ -1,0 +1,216 @@
+//! Moving an idle session to a new server connection when its primary
+//! changes (`--client-auth proxy`): the proxy waits for the new route as a
+//! new session would, logs in as the client with what it kept of its
+//! authentication, replays the session state it recorded (SET, LISTEN,
+//! PREPARE, named prepared statements), points the client's cancel key at
+//! the new backend, and tells the client only the ParameterStatus values
+//! that changed. The client sees no error and no close.
+
+use std::collections::HashMap;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::{Instant, timeout};
+
+use super::Proxy;
+use super::backend::{QuietLogin, ReadyBackend, error_text};
+use super::cancel_map::CancelTarget;
+use super::memory::{Replay, SessionMemory};
+use super::node_login::NodeLogin;
+use super::session::open_backend;
+use super::sessions::Registration;
+use super::tls::PgStream;
+use crate::auth::Credentials;
+use crate::protocol::TransactionStatus;
+use crate::protocol::backend::split_frame;
+use crate::protocol::startup::StartupMessage;
+
+/// What a session keeps so that it can move.
+pub struct Mover {
+    pub startup: StartupMessage,
+    pub credentials: Credentials,
+    pub memory: SessionMemory,
+}
+
+/// A session on its new server connection.
+pub struct Moved {
+    pub ready: ReadyBackend,
+    pub registration: Registration,
+    /// ParameterStatus messages the client is owed (values that differ).
+    pub notices: BytesMut,
+}
+
+/// Why a session did not move.
+pub enum NotMoved {
+    /// The node ended the session while its route stayed (a termination
+    /// by an operator, not a change of primary): the client gets the
+    /// node's own error.
+    EndedByNode,
+    Failed(String),
+}
+
+impl From<String> for NotMoved {
+    fn from(why: String) -> Self {
+        Self::Failed(why)
+    }
+}
+
+/// Moves the session of `old` (whose registration the caller dropped).
+/// `ended_by_node`: the node sent the session an error on its own; only a
+/// new route (another primary or term) makes that a move.
+pub async fn move_session(
+    proxy: &Proxy,
+    session_id: u64,
+    mover: &Mover,
+    mut old: ReadyBackend,
+    ended_by_node: bool,
+) -> Result<Moved, NotMoved> {
+    let limits = proxy.limits();
+    let deadline = Instant::now() + limits.hold_timeout;
+    let (backend, registration) =
+        open_backend(proxy, session_id, &mover.startup, &limits, deadline)
+            .await
+            .map_err(|e| e.to_string())?;
+    if ended_by_node && backend.node.name == old.node.name && backend.term() == old.term {
+        return Err(NotMoved::EndedByNode);
+    }
+    let node = backend.node.name.clone();
+    let login = NodeLogin::new(mover.startup.user(), &node, mover.credentials.clone());
+    let mut quiet = timeout(limits.startup_timeout, backend.login_quietly(login))
+        .await
+        .map_err(|_| format!("{node} did not complete the login in time"))??;
+    timeout(
+        limits.startup_timeout,
+        replay(&mut quiet, &mover.memory.replay),
+    )
+    .await
+    .map_err(|_| format!("{node} did not take the session state back in time"))??;
+    if let Some(cancel) = old.cancel.as_mut() {
+        cancel.retarget(CancelTarget {
+            node: node.clone(),
+            address: quiet.node.address(),
+            backend_key: quiet.backend_key.clone(),
+        });
+    }
+    let notices = changed_parameters(&old.parameters, &quiet.parameters);
+    let ready = ReadyBackend {
+        node: quiet.node,
+        term: quiet.term,
+        stream: quiet.stream,
+        pending: quiet.pending,
+        status: TransactionStatus::Idle,
+        cancel: old.cancel.take(),
+        parameters: quiet.parameters,
+        reuse_key: old.reuse_key.take(),
+    };
+    Ok(Moved {
+        ready,
+        registration,
+        notices,
+    })
+}
+
+/// Runs the recorded statements again, each to its ReadyForQuery; any
+/// error ends the move (the session would not be the one it was).
+async fn replay(login: &mut QuietLogin, items: &[Replay]) -> Result<(), String> {
+    for item in items {
+        let mut message = BytesMut::new();
+        match item {
+            Replay::Query(sql) => {
+                message.extend_from_slice(b"Q");
+                message.extend_from_slice(&((sql.len() + 5) as u32).to_be_bytes());
+                message.extend_from_slice(sql.as_bytes());
+                message.extend_from_slice(b"\0");
+            }
+            Replay::Parse { message: parse, .. } => {
+                message.extend_from_slice(parse);
+                message.extend_from_slice(&SYNC);
+            }
+        }
+        write_all(&mut login.stream, &message).await?;
+        until_ready(&mut login.stream, &mut login.pending)
+            .await
+            .map_err(|e| format!("replaying {item:?}: {e}"))?;
+    }
+    Ok(())
+}
+
+const SYNC: [u8; 5] = [b'S', 0, 0, 0, 4];
+
+async fn write_all(stream: &mut PgStream, bytes: &[u8]) -> Result<(), String> {
+    stream.write_all(bytes).await.map_err(|e| e.to_string())?;
+    stream.flush().await.map_err(|e| e.to_string())
+}
+
+/// Reads to the next ReadyForQuery; an ErrorResponse on the way fails.
+async fn until_ready(stream: &mut PgStream, buf: &mut BytesMut) -> Result<(), String> {
+    let mut failed = None;
+    loop {
+        while let Some(frame) = split_frame(buf, 1 << 20).map_err(|e| e.to_string())? {
+            match frame.tag {
+                b'E' => failed = Some(error_text(frame.body())),
+                b'Z' => return failed.map_or(Ok(()), Err),
+                _ => {}
+            }
+        }
+        if stream.read_buf(buf).await.map_err(|e| e.to_string())? == 0 {
+            return Err("the node closed the connection".into());
+        }
+    }
+}
+
+/// The ParameterStatus messages of `new` whose value differs from `old`.
+fn changed_parameters(old: &[u8], new: &[u8]) -> BytesMut {
+    let before: HashMap<Vec<u8>, Vec<u8>> = parameter_statuses(old)
+        .map(|(name, value, _)| (name.to_vec(), value.to_vec()))
+        .collect();
+    let mut out = BytesMut::new();
+    for (name, value, message) in parameter_statuses(new) {
+        if before.get(name).map(Vec::as_slice) != Some(value) {
+            out.extend_from_slice(message);
+        }
+    }
+    out
+}
+
+/// (name, value, whole message) of each ParameterStatus in `bytes`.
+fn parameter_statuses(bytes: &[u8]) -> impl Iterator<Item = (&[u8], &[u8], &[u8])> {
+    let mut rest = bytes;
+    std::iter::from_fn(move || {
+        if rest.len() < 5 {
+            return None;
+        }
+        let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+        let (message, tail) = rest.split_at((len + 1).min(rest.len()));
+        rest = tail;
+        let body = message.get(5..)?;
+        let mut fields = body.split(|b| *b == 0);
+        Some((fields.next()?, fields.next()?, message))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(name: &str, value: &str) -> Vec<u8> {
+        let mut m = vec![b'S'];
+        m.extend_from_slice(&((name.len() + value.len() + 6) as u32).to_be_bytes());
+        m.extend_from_slice(name.as_bytes());
+        m.push(0);
+        m.extend_from_slice(value.as_bytes());
+        m.push(0);
+        m
+    }
+
+    #[test]
+    fn only_changed_parameters_are_told() {
+        let old = [status("TimeZone", "UTC"), status("in_hot_standby", "off")].concat();
+        let new = [status("TimeZone", "UTC"), status("in_hot_standby", "on")].concat();
+        assert_eq!(
+            &changed_parameters(&old, &new)[..],
+            &status("in_hot_standby", "on")[..]
+        );
+        assert!(changed_parameters(&old, &old).is_empty());
+    }
+}

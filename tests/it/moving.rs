@@ -1,0 +1,187 @@
+//! Sessions that survive a change of primary (`--client-auth proxy`): an
+//! idle session moves to the new primary with its state (SET, PREPARE,
+//! LISTEN, named prepared statements) and the client notices nothing; a
+//! session holding state that cannot move, or inside a transaction, gets
+//! the error it got before, saying why.
+
+use std::time::{Duration, Instant};
+
+use tokio_postgres::Client;
+
+use crate::failover::VotingCluster;
+use crate::harness::{AgentCluster, CLUSTER_TOKEN, DEADLINE, admin_get, wait_until};
+use crate::util::{connect, describe};
+
+/// Runs `pgfailover switchover --to NODE` against the proxy of `c`.
+fn switchover_to(c: &AgentCluster, node: &str) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgfailover"))
+        .args([
+            "switchover",
+            "--to",
+            node,
+            "--drain-timeout",
+            "2s",
+            "--admin",
+        ])
+        .arg(format!("http://127.0.0.1:{}", c.proxy_admin()))
+        .env("PGFAILOVER_CLUSTER_TOKEN", CLUSTER_TOKEN)
+        .output()
+        .expect("run pgfailover switchover");
+    assert!(
+        out.status.success(),
+        "switchover: {}{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+async fn node_of(client: &Client) -> Result<String, tokio_postgres::Error> {
+    let row = client
+        .query_one("SELECT current_setting('cluster_name')", &[])
+        .await?;
+    Ok(row.get(0))
+}
+
+/// A connection whose end (the error the server closed it with) the test
+/// can inspect.
+async fn connect_watching(
+    dsn: &str,
+) -> (
+    Client,
+    tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+) {
+    let (client, connection) = tokio_postgres::connect(dsn, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    (client, tokio::spawn(connection))
+}
+
+fn metric(admin: u16, name: &str) -> u64 {
+    let (_, text) = admin_get(admin, "/metrics");
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_session_moves_through_a_switchover_with_its_state() {
+    let c = AgentCluster::start_with(&["--client-auth", "proxy"]);
+    let moving = connect(&c.dsn()).await;
+    moving
+        .batch_execute("SET search_path = pg_catalog, public")
+        .await
+        .expect("SET");
+    moving
+        .batch_execute("PREPARE answer AS SELECT 42")
+        .await
+        .expect("PREPARE");
+    moving.batch_execute("LISTEN moving").await.expect("LISTEN");
+    let named = moving
+        .prepare("SELECT $1::int + 1")
+        .await
+        .expect("a named prepared statement");
+    assert_eq!(node_of(&moving).await.expect("node"), "n1");
+
+    let (temporary, temporary_end) = connect_watching(&c.dsn()).await;
+    temporary
+        .batch_execute("CREATE TEMP TABLE scratch (x int)")
+        .await
+        .expect("temp table");
+    let (in_transaction, in_transaction_end) = connect_watching(&c.dsn()).await;
+    in_transaction
+        .batch_execute("BEGIN; SELECT 1")
+        .await
+        .expect("open transaction");
+
+    switchover_to(&c, "n2");
+
+    assert_eq!(
+        node_of(&moving).await.expect("the idle session goes on"),
+        "n2"
+    );
+    let row = moving
+        .query_one(
+            "SELECT current_setting('search_path'), \
+             (SELECT array_agg(c)::text FROM pg_listening_channels() c)",
+            &[],
+        )
+        .await
+        .expect("state");
+    assert_eq!(row.get::<_, String>(0), "pg_catalog, public", "SET moved");
+    assert_eq!(row.get::<_, String>(1), "{moving}", "LISTEN moved");
+    let answer = moving
+        .simple_query("EXECUTE answer")
+        .await
+        .expect("PREPARE moved");
+    assert!(
+        answer.iter().any(
+            |m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("42"))
+        ),
+        "EXECUTE answer returned 42"
+    );
+    let next: i32 = moving
+        .query_one(&named, &[&1i32])
+        .await
+        .expect("the named statement moved")
+        .get(0);
+    assert_eq!(next, 2);
+    assert!(!moving.is_closed());
+
+    let _open = (temporary, in_transaction);
+    for (end, why) in [
+        (temporary_end, "a temporary table"),
+        (in_transaction_end, "inside a transaction"),
+    ] {
+        let e = tokio::time::timeout(DEADLINE, end)
+            .await
+            .expect("the session ends")
+            .expect("connection task")
+            .expect_err(why);
+        let text = describe(&e);
+        let detail = e
+            .as_db_error()
+            .and_then(|d| d.detail())
+            .unwrap_or_default()
+            .to_owned();
+        assert!(text.starts_with("57P01"), "{why}: {text}");
+        assert!(detail.contains(why), "{why}: {text} / {detail}");
+    }
+    assert!(metric(c.proxy_admin(), "pgfailover_sessions_moved_total") >= 1);
+}
+
+/// kill -9 of the primary: an idle session waits for the failover like a
+/// new session would, then goes on on the new primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_session_moves_through_a_kill9_failover() {
+    let c = VotingCluster::start(&["--client-auth", "proxy"]);
+    c.wait_for_term(1, "n1");
+    let idle = connect(&c.dsn()).await;
+    idle.batch_execute("SET application_name = 'survivor'")
+        .await
+        .expect("SET");
+    assert_eq!(node_of(&idle).await.expect("node"), "n1");
+
+    let killed = Instant::now();
+    c.cluster.primary.kill9();
+    c.wait_for_term(2, "n2");
+    wait_until("the session's move is done", DEADLINE, || {
+        let (_, text) = admin_get(c.voters.admin_port("p1"), "/metrics");
+        text.contains("pgfailover_sessions_moved_total 1")
+    });
+    let row = idle
+        .query_one(
+            "SELECT current_setting('cluster_name'), current_setting('application_name')",
+            &[],
+        )
+        .await
+        .expect("the idle session survived the failover");
+    assert_eq!(row.get::<_, String>(0), "n2");
+    assert_eq!(row.get::<_, String>(1), "survivor");
+    println!(
+        "idle session usable on n2 {:?} after the kill",
+        killed.elapsed()
+    );
+    assert!(killed.elapsed() < Duration::from_secs(60));
+}
