@@ -10,10 +10,16 @@
 #   2. REJOINS rounds of kill -9 of the current primary's postmaster: time
 #      until the first write committed on the other node, and until the
 #      killed node is a standby again (its agent's GET /replica returns 200).
+#   Meanwhile IDLE psycopg2 and IDLE asyncpg connections (benches/idle_clients.py)
+#   each run `SELECT 1` once a second: per event, how many of their
+#   statements failed, how many connections had to be opened again, and the
+#   longest gap any of them saw. The proxy authenticates clients itself
+#   (CLIENT_AUTH=proxy, the default here), so idle sessions move to the new
+#   primary; CLIENT_AUTH=passthrough measures the relayed authentication.
 #
 #   benches/switchover.sh        # as root; SWITCHOVERS=5 REJOINS=3
 #
-# Environment: SWITCHOVERS, REJOINS, BASE (first of six ports; the proxy
+# Environment: SWITCHOVERS, REJOINS, IDLE (10), CLIENT_AUTH (proxy), BASE (first of six ports; the proxy
 # listens on BASE+6), PGFAILOVER (a built binary; default: cargo build
 # --release), KEEP_TMP=1 (keep the demo dir, logs and writer log),
 # STEP_TIMEOUT (seconds per wait, default 180).
@@ -21,6 +27,9 @@ set -euo pipefail
 
 SWITCHOVERS=${SWITCHOVERS:-5}
 REJOINS=${REJOINS:-3}
+IDLE=${IDLE:-10}
+# Read by the demo's proxy (`--client-auth`); the other members ignore it.
+export PGFAILOVER_CLIENT_AUTH=${CLIENT_AUTH:-proxy}
 BASE=${BASE:-$((30000 + RANDOM % 20000))}
 STEP_TIMEOUT=${STEP_TIMEOUT:-180}
 KEEP_TMP=${KEEP_TMP:-0}
@@ -34,16 +43,18 @@ now_ms() { date +%s%3N; }
 [[ $(id -u) == 0 ]] || die "run as root (the demo runs PostgreSQL as user postgres)"
 command -v curl >/dev/null || die "missing curl"
 $PY -c 'import psycopg2' 2>/dev/null || die "$PY cannot import psycopg2 (apt-get install -y python3-psycopg2)"
+((IDLE == 0)) || $PY -c 'import asyncpg' 2>/dev/null || die "$PY cannot import asyncpg (apt-get install -y python3-asyncpg)"
 
 TMP=$(mktemp -d /tmp/pgfailover-switchover.XXXXXX)
 chmod 755 "$TMP"
 DIR=$TMP/demo
-DEMO_PID='' WRITER_PID=''
+DEMO_PID='' WRITER_PID='' IDLE_PID=''
 
 cleanup() {
   local rc=$? pid d
   set +e
   [[ -n $WRITER_PID ]] && kill -TERM "$WRITER_PID" 2>/dev/null
+  [[ -n $IDLE_PID ]] && kill -KILL "$IDLE_PID" 2>/dev/null
   if [[ -n $DEMO_PID ]]; then
     kill -INT "$DEMO_PID" 2>/dev/null
     for _ in {1..100}; do kill -0 "$DEMO_PID" 2>/dev/null || break; sleep 0.1; done
@@ -124,6 +135,12 @@ WLOG=$TMP/writes.log
 : >"$WLOG"
 $PY "$TMP/writer.py" "$DSN" "$WLOG" &
 WRITER_PID=$!
+ILOG=$TMP/idle.log
+: >"$ILOG"
+if ((IDLE > 0)); then
+  $PY "$ROOT/benches/idle_clients.py" "$DSN" "$IDLE" "$ILOG" &
+  IDLE_PID=$!
+fi
 
 # wait_standby NODE PRIMARY: status shows NODE as "standby" and writes routed to PRIMARY.
 wait_standby() {
@@ -178,7 +195,7 @@ for ((i = 1; i <= SWITCHOVERS; i++)); do
   sleep 0.5
   reported=$(grep -o 'Clients paused [0-9]* ms' "$TMP/switchover$i.out" | grep -o '[0-9]*' || echo NA)
   observed=$(max_gap "$t0" "$t1")
-  echo "switchover $i $primary->$standby $reported $observed $((t1 - t0))" >>"$RESULTS"
+  echo "switchover $i $primary->$standby $reported $observed $((t1 - t0)) $t0 $t1" >>"$RESULTS"
   log "  reported ${reported} ms, writer saw a ${observed} ms gap, command took $((t1 - t0)) ms"
   tmp=$primary primary=$standby standby=$tmp
 done
@@ -210,7 +227,7 @@ for ((i = 1; i <= REJOINS; i++)); do
     fi
     sleep 0.1
   done
-  echo "rejoin $i $primary $((first - t0)) $((back - t0)) $outcome" >>"$RESULTS"
+  echo "rejoin $i $primary $((first - t0)) $((back - t0)) $outcome $t0 $first" >>"$RESULTS"
   log "  $outcome: first write after $((first - t0)) ms, $primary back after $((back - t0)) ms"
   [[ $outcome == restarted ]] || { tmp=$primary primary=$standby standby=$tmp; }
 done
@@ -219,8 +236,10 @@ ERRORS=$(grep -c ' ERR ' "$WLOG" || true)
 COMMITS=$(grep -vc ' ERR ' "$WLOG" || true)
 
 # --- report -------------------------------------------------------------------
-$PY - "$RESULTS" "$LOAD_START" "$LOAD_END" "$COMMIT" "$ERRORS" "$COMMITS" <<'EOF'
+sleep 3  # the idle clients' next statements after the last event
+$PY - "$RESULTS" "$LOAD_START" "$LOAD_END" "$COMMIT" "$ERRORS" "$COMMITS" "$ILOG" "$IDLE" "$PGFAILOVER_CLIENT_AUTH" <<'EOF'
 import sys, statistics, subprocess, datetime, os
+from collections import defaultdict
 rows = [l.split() for l in open(sys.argv[1])]
 sw = [r for r in rows if r[0] == "switchover"]
 rj = [r for r in rows if r[0] == "rejoin"]
@@ -253,4 +272,30 @@ rs = [r for r in rj if r[5] == "restarted"]
 stat("kill -9 -> first write on the standby (failover)", [r[3] for r in fo])
 stat("kill -9 -> rejoined as standby (failover)", [r[4] for r in fo])
 stat("kill -9 -> first write, postmaster restarted in place", [r[3] for r in rs])
+
+# Idle clients: per event, from its start to 3 s after it ended.
+idle = int(sys.argv[8])
+if idle:
+    events = defaultdict(list)
+    for line in open(sys.argv[7]):
+        parts = line.split(" ", 4)
+        events[(parts[1], parts[2])].append((int(parts[0]), parts[3]))
+    print()
+    print("%d psycopg2 and %d asyncpg idle connections (SELECT 1 every second), --client-auth %s" % (idle, idle, sys.argv[9]))
+    print()
+    print("| event | failed statements | connections opened again | longest gap a client saw (ms) |")
+    print("|---|---:|---:|---:|")
+    for r in sw + rj:
+        start, end = int(r[6]), int(r[7]) + 3000
+        failed = closed = gap = 0
+        for log in events.values():
+            failed += sum(1 for t, w in log if start <= t <= end and w == "err")
+            closed += sum(1 for t, w in log if start <= t <= end and w == "closed")
+            oks = [t for t, w in log if w == "ok"]
+            before = [t for t in oks if t < start]
+            after = [t for t in oks if t > start]
+            if before and after:
+                gap = max(gap, after[0] - before[-1])
+        name = "switchover %s" % r[1] if r[0] == "switchover" else "kill -9 %s (%s)" % (r[1], r[5])
+        print("| %s | %d | %d | %d |" % (name, failed, closed, gap))
 EOF

@@ -133,6 +133,7 @@ impl Coordinator {
                 warn!(error = %e, "coordinator step failed");
             }
             self.refresh_route();
+            self.report_moves();
             let lease_end = self
                 .lease
                 .valid_until()
@@ -243,6 +244,17 @@ impl Coordinator {
                 Ok(())
             }
             _ => Ok(()),
+        }
+    }
+
+    /// Records how the sessions fared at the last change of primary, once
+    /// their moves are over (`--client-auth proxy`).
+    fn report_moves(&self) {
+        if let Some(tally) = self.sessions.take_settled_moves(Duration::from_secs(1)) {
+            let term = self.peers.me().record().term;
+            let node = (!tally.to.is_empty()).then_some(tally.to.as_str());
+            self.events
+                .record(term, "sessions_moved", node, tally.describe());
         }
     }
 

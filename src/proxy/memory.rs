@@ -157,10 +157,20 @@ impl SessionMemory {
                 self.pinned = Some(reason);
                 return;
             }
-            // SET and the like through the extended protocol: their effect
-            // comes with Execute, which this scan does not follow.
+            // SET, LISTEN and the like through the extended protocol, as
+            // asyncpg sends them (its statements are named and cached): a
+            // statement without parameters counts as executed when it is
+            // prepared (drivers execute it right after; running it again
+            // is idempotent) and is replayed as a simple query. With
+            // parameters, the values are not followed: pinned.
+            Kind::Replay | Kind::DiscardAll if !sql.contains('$') => {
+                self.query(sql, in_transaction);
+                if self.pinned.is_some() || name.is_empty() {
+                    return;
+                }
+            }
             Kind::Replay | Kind::DiscardAll => {
-                self.pinned = Some("session state set through the extended protocol");
+                self.pinned = Some("session state set through a prepared statement");
                 return;
             }
             Kind::Plain | Kind::Begin => {}
@@ -399,8 +409,17 @@ mod tests {
         m.feed(&query("/* hi */ select 1"), true);
         assert_eq!(m.pinned, None, "transaction-scoped");
         let mut m = SessionMemory::default();
-        m.feed(&parse("", "SET search_path = x"), false);
-        assert!(m.pinned.is_some(), "SET through Parse/Execute");
+        m.feed(&parse("", "LISTEN \"jobs\""), false);
+        assert_eq!(
+            m.replay,
+            vec![Replay::Query("LISTEN \"jobs\"".into())],
+            "asyncpg's LISTEN"
+        );
+        m.feed(&parse("set_path", "SET search_path = $1"), false);
+        assert_eq!(
+            m.pinned,
+            Some("session state set through a prepared statement")
+        );
         let mut m = SessionMemory::default();
         m.feed(&query(&"x".repeat(MAX_INSPECTED + 1)), false);
         assert_eq!(m.pinned, Some("a statement too large to inspect"));

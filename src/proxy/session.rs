@@ -453,9 +453,13 @@ async fn relay_session(
                     drop(backend);
                     drop(registration);
                     let ended_by_node = downstream.held_error.is_some();
+                    let paused = Instant::now();
                     match move_session(proxy, session_id, m, ready, ended_by_node).await {
                         Ok(moved) => {
                             proxy.metrics.sessions_moved.inc();
+                            proxy
+                                .sessions
+                                .note_moved(&moved.ready.node.name, paused.elapsed());
                             info!(node = %moved.ready.node.name, "session moved to the new primary");
                             if !moved.notices.is_empty()
                                 && client.write_all(&moved.notices).await.is_err()
@@ -556,6 +560,7 @@ async fn not_moved(proxy: &Proxy, client: &mut PgStream, end: &RelayEnd, label: 
         .sessions_not_moved
         .with_label_values(&[label])
         .inc();
+    proxy.sessions.note_not_moved(why);
     info!(reason = %why, "session not moved to the new primary");
     let (code, message) = match end {
         RelayEnd::Evicted(reason) => (sqlstate::ADMIN_SHUTDOWN, reason.clone()),

@@ -59,6 +59,41 @@ pub struct Sessions {
     entries: Mutex<HashMap<u64, Entry>>,
     paused: AtomicBool,
     resumed: Notify,
+    moves: Mutex<Option<MoveTally>>,
+}
+
+/// Sessions moved (or not) since the last report, for the event that
+/// follows a change of primary.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MoveTally {
+    pub moved: usize,
+    /// To which node, the last one seen.
+    pub to: String,
+    pub longest_pause: std::time::Duration,
+    /// Why sessions did not move, with how many each.
+    pub not_moved: std::collections::BTreeMap<String, usize>,
+    last: Option<std::time::Instant>,
+}
+
+impl MoveTally {
+    /// One line for the event log.
+    pub fn describe(&self) -> String {
+        let mut text = format!(
+            "{} idle sessions moved to {} (longest pause {} ms)",
+            self.moved,
+            if self.to.is_empty() { "-" } else { &self.to },
+            self.longest_pause.as_millis()
+        );
+        if !self.not_moved.is_empty() {
+            let reasons: Vec<String> = self
+                .not_moved
+                .iter()
+                .map(|(why, n)| format!("{n} {why}"))
+                .collect();
+            text.push_str(&format!("; not moved: {}", reasons.join(", ")));
+        }
+        text
+    }
 }
 
 /// A session's place in the registry; removed when dropped.
@@ -113,6 +148,35 @@ impl Sessions {
             }
         }
         counts
+    }
+
+    /// Counts one session that moved to `to` after `pause`.
+    pub fn note_moved(&self, to: &str, pause: std::time::Duration) {
+        let mut moves = self.moves.lock().unwrap_or_else(|e| e.into_inner());
+        let tally = moves.get_or_insert_with(MoveTally::default);
+        tally.moved += 1;
+        tally.to = to.to_owned();
+        tally.longest_pause = tally.longest_pause.max(pause);
+        tally.last = Some(std::time::Instant::now());
+    }
+
+    /// Counts one session that could not move, and why.
+    pub fn note_not_moved(&self, why: &str) {
+        let mut moves = self.moves.lock().unwrap_or_else(|e| e.into_inner());
+        let tally = moves.get_or_insert_with(MoveTally::default);
+        *tally.not_moved.entry(why.to_owned()).or_default() += 1;
+        tally.last = Some(std::time::Instant::now());
+    }
+
+    /// The tally once no session moved for `quiet` (the burst after a
+    /// change of primary is over), and a fresh one from then on.
+    pub fn take_settled_moves(&self, quiet: std::time::Duration) -> Option<MoveTally> {
+        let mut moves = self.moves.lock().unwrap_or_else(|e| e.into_inner());
+        let settled = moves
+            .as_ref()
+            .and_then(|t| t.last)
+            .is_some_and(|last| last.elapsed() >= quiet);
+        if settled { moves.take() } else { None }
     }
 
     /// Idle sessions stop forwarding new requests until `resume`.

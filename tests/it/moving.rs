@@ -8,8 +8,13 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
 
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+
 use crate::failover::VotingCluster;
-use crate::harness::{AgentCluster, CLUSTER_TOKEN, DEADLINE, admin_get, wait_until};
+use crate::harness::{
+    APP_DB, AgentCluster, CLUSTER_TOKEN, DEADLINE, SCRAM_USER, admin_get, python3, wait_until,
+};
 use crate::util::{connect, describe};
 
 /// Runs `pgfailover switchover --to NODE` against the proxy of `c`.
@@ -40,6 +45,66 @@ async fn node_of(client: &Client) -> Result<String, tokio_postgres::Error> {
         .query_one("SELECT current_setting('cluster_name')", &[])
         .await?;
     Ok(row.get(0))
+}
+
+/// A Python client (tests/drivers/survive_*.py) holding a session across
+/// the switchover: it says "ready" once its state is set, checks it after
+/// a line on stdin, and says "ok NODE".
+struct PythonSession {
+    name: &'static str,
+    child: Child,
+    stdin: ChildStdin,
+    lines: BufReader<ChildStdout>,
+}
+
+impl PythonSession {
+    fn start(name: &'static str, dsn: &str) -> Self {
+        let script = format!("{}/tests/drivers/{name}.py", env!("CARGO_MANIFEST_DIR"));
+        let mut child = Command::new(python3())
+            .arg(script)
+            .arg(dsn)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn python3");
+        let stdin = child.stdin.take().expect("stdin");
+        let lines = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut session = Self {
+            name,
+            child,
+            stdin,
+            lines,
+        };
+        let ready = session.line();
+        assert!(ready.starts_with("ready n1"), "{name}: {ready}");
+        session
+    }
+
+    fn line(&mut self) -> String {
+        let mut line = String::new();
+        let _ = self.lines.read_line(&mut line);
+        line.trim().to_owned()
+    }
+
+    /// After the switchover: the script checks its state on the new node.
+    fn check(mut self) -> String {
+        writeln!(self.stdin).expect("write to python");
+        let outcome = self.line();
+        let status = self.child.wait().expect("python exits");
+        assert!(
+            status.success() && outcome.starts_with("ok"),
+            "{}: {outcome} ({status})",
+            self.name
+        );
+        outcome
+    }
+}
+
+impl Drop for PythonSession {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// A connection whose end (the error the server closed it with) the test
@@ -94,8 +159,20 @@ async fn an_idle_session_moves_through_a_switchover_with_its_state() {
         .batch_execute("BEGIN; SELECT 1")
         .await
         .expect("open transaction");
+    let psycopg2 = PythonSession::start("survive_psycopg2", &c.dsn());
+    // asyncpg reads URLs only.
+    let url = format!(
+        "postgresql://{}:{}@127.0.0.1:{}/{APP_DB}",
+        SCRAM_USER.name,
+        SCRAM_USER.password,
+        c.proxy.port()
+    );
+    let asyncpg = PythonSession::start("survive_asyncpg", &url);
 
     switchover_to(&c, "n2");
+
+    assert_eq!(psycopg2.check(), "ok n2");
+    assert_eq!(asyncpg.check(), "ok n2");
 
     assert_eq!(
         node_of(&moving).await.expect("the idle session goes on"),
@@ -148,7 +225,20 @@ async fn an_idle_session_moves_through_a_switchover_with_its_state() {
         assert!(text.starts_with("57P01"), "{why}: {text}");
         assert!(detail.contains(why), "{why}: {text} / {detail}");
     }
-    assert!(metric(c.proxy_admin(), "pgfailover_sessions_moved_total") >= 1);
+    assert!(metric(c.proxy_admin(), "pgfailover_sessions_moved_total") >= 3);
+    let mut report = String::new();
+    wait_until("the sessions_moved event", DEADLINE, || {
+        report = c
+            .proxy_events()
+            .iter()
+            .find(|e| e["kind"] == "sessions_moved")
+            .and_then(|e| e["detail"].as_str().map(str::to_owned))
+            .unwrap_or_default();
+        !report.is_empty()
+    });
+    println!("{report}");
+    assert!(report.contains("idle sessions moved to n2"), "{report}");
+    assert!(report.contains("1 a temporary table"), "{report}");
 }
 
 /// kill -9 of the primary: an idle session waits for the failover like a
