@@ -57,12 +57,8 @@ pub fn target(
     recorded: Option<&str>,
     strict: bool,
 ) -> Target {
-    let streaming: Vec<&str> = topology
-        .nodes
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| *i != primary)
-        .map(|(_, n)| n.spec.name.as_str())
+    let streaming: Vec<&str> = other_nodes(topology, primary)
+        .into_iter()
         .filter(|name| {
             status
                 .replicas
@@ -78,24 +74,26 @@ pub fn target(
             setting: standby_names(&[standby]),
             standby: Some(standby.to_owned()),
         },
-        (None, None, true) => {
-            let others: Vec<&str> = topology
-                .nodes
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| *i != primary)
-                .map(|(_, n)| n.spec.name.as_str())
-                .collect();
-            Target {
-                setting: standby_names(&others),
-                standby: None,
-            }
-        }
+        (None, None, true) => Target {
+            setting: standby_names(&other_nodes(topology, primary)),
+            standby: None,
+        },
         (None, _, false) => Target {
             setting: String::new(),
             standby: None,
         },
     }
+}
+
+/// Every node's name but `index`'s, in `--node` order.
+fn other_nodes(topology: &Topology, index: usize) -> Vec<&str> {
+    topology
+        .nodes
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != index)
+        .map(|(_, n)| n.spec.name.as_str())
+        .collect()
 }
 
 /// `"a"` for one standby, `FIRST 1 ("a", "b")` for any of several.
@@ -321,14 +319,7 @@ impl Coordinator {
         if !self.failover.synchronous {
             return;
         }
-        let others: Vec<&str> = topology
-            .nodes
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| *i != candidate)
-            .map(|(_, n)| n.spec.name.as_str())
-            .collect();
-        let value = standby_names(&others);
+        let value = standby_names(&other_nodes(topology, candidate));
         if let Err(e) = sql.configure_synchronous_standby_names(&value).await {
             self.events.record(
                 term,
