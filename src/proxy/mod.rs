@@ -43,6 +43,10 @@ use prometheus::IntCounter;
 /// Connections over the cap that are still answered with 53300 at once;
 /// beyond this many the proxy just closes them.
 const MAX_PENDING_REJECTIONS: usize = 1_000;
+/// Sessions that log in to a new primary at once after a change of
+/// primary: enough to keep the pause short, few enough not to storm the
+/// new primary with forks.
+const MOVES_AT_ONCE: usize = 8;
 /// Pause after a failed accept (e.g. out of file descriptors), so the
 /// loop backs off instead of spinning.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -78,6 +82,8 @@ pub struct Proxy {
     pub auth: Option<AuthSource>,
     /// Server connections kept for the next client (`--client-auth proxy`).
     pub pool: Option<pool::ServerPool>,
+    /// Sessions logging in to a new primary at once (moves are paced).
+    moves: Semaphore,
     limits: ArcSwap<SessionLimits>,
     /// Relay byte counters, looked up once instead of per chunk.
     bytes_to_server: IntCounter,
@@ -112,6 +118,7 @@ impl Proxy {
         Ok(Arc::new(Self {
             auth,
             pool,
+            moves: Semaphore::new(MOVES_AT_ONCE),
             limits: ArcSwap::from_pointee(SessionLimits::of(&config)),
             sessions,
             bytes_to_server: relayed("client_to_server"),

@@ -30,6 +30,8 @@ pub struct Mover {
     pub startup: StartupMessage,
     pub credentials: Credentials,
     pub memory: SessionMemory,
+    /// When the session's current backend started (its login or last move).
+    pub since: Instant,
 }
 
 /// A session on its new server connection.
@@ -56,8 +58,10 @@ impl From<String> for NotMoved {
 }
 
 /// Moves the session of `old` (whose registration the caller dropped).
-/// `ended_by_node`: the node sent the session an error on its own; only a
-/// new route (another primary or term) makes that a move.
+/// `ended_by_node`: the node sent the session an error on its own; that is
+/// a move only with a new route (another primary or term) or a node that
+/// restarted since (a crash, then the agent's restart in place), not when
+/// an operator ended this one session (`pg_terminate_backend`).
 pub async fn move_session(
     proxy: &Proxy,
     session_id: u64,
@@ -67,18 +71,28 @@ pub async fn move_session(
 ) -> Result<Moved, NotMoved> {
     let limits = proxy.limits();
     let deadline = Instant::now() + limits.hold_timeout;
-    let (backend, registration) =
-        open_backend(proxy, session_id, &mover.startup, &limits, deadline)
-            .await
-            .map_err(|e| e.to_string())?;
-    if ended_by_node && backend.node.name == old.node.name && backend.term() == old.term {
+    // Paced: every idle session moves at once after a change, and each
+    // login forks a backend on the new primary.
+    let _turn = proxy.moves.acquire().await.map_err(|e| e.to_string())?;
+    let (mut quiet, registration) = loop {
+        match log_in(proxy, session_id, mover, deadline).await {
+            Ok(logged_in) => break logged_in,
+            // A node shutting down or starting up refuses logins for a
+            // moment; the route settles within the hold, as for new
+            // sessions.
+            Err(why) if Instant::now() < deadline => {
+                tracing::debug!(reason = %why, "moving the session: trying again");
+                tokio::time::sleep(RETRY_PAUSE).await;
+            }
+            Err(why) => return Err(why.into()),
+        }
+    };
+    let node = quiet.node.name.clone();
+    let same_route = node == old.node.name && quiet.term == old.term;
+    if ended_by_node && same_route && !restarted_since(&mut quiet, mover.since).await? {
+        let _ = write_all(&mut quiet.stream, &TERMINATE).await;
         return Err(NotMoved::EndedByNode);
     }
-    let node = backend.node.name.clone();
-    let login = NodeLogin::new(mover.startup.user(), &node, mover.credentials.clone());
-    let mut quiet = timeout(limits.startup_timeout, backend.login_quietly(login))
-        .await
-        .map_err(|_| format!("{node} did not complete the login in time"))??;
     timeout(
         limits.startup_timeout,
         replay(&mut quiet, &mover.memory.replay),
@@ -135,7 +149,69 @@ async fn replay(login: &mut QuietLogin, items: &[Replay]) -> Result<(), String> 
     Ok(())
 }
 
+/// Routes and logs in like a new session (the client sees nothing).
+async fn log_in(
+    proxy: &Proxy,
+    session_id: u64,
+    mover: &Mover,
+    deadline: Instant,
+) -> Result<(QuietLogin, Registration), String> {
+    let limits = proxy.limits();
+    let (backend, registration) =
+        open_backend(proxy, session_id, &mover.startup, &limits, deadline)
+            .await
+            .map_err(|e| e.to_string())?;
+    let node = backend.node.name.clone();
+    let login = NodeLogin::new(mover.startup.user(), &node, mover.credentials.clone());
+    let quiet = timeout(limits.startup_timeout, backend.login_quietly(login))
+        .await
+        .map_err(|_| format!("{node} did not complete the login in time"))??;
+    Ok((quiet, registration))
+}
+
+/// Pause before logging in again after a refusal.
+const RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(200);
+
 const SYNC: [u8; 5] = [b'S', 0, 0, 0, 4];
+const TERMINATE: [u8; 5] = [b'X', 0, 0, 0, 4];
+
+/// True when the node's postmaster started after `since` (measured on the
+/// node's own clock, as an age: the proxy's clock does not matter).
+async fn restarted_since(login: &mut QuietLogin, since: Instant) -> Result<bool, String> {
+    let sql = format!(
+        "SELECT pg_postmaster_start_time() > now() - interval '{} milliseconds'",
+        since.elapsed().as_millis()
+    );
+    let mut message = BytesMut::new();
+    message.extend_from_slice(b"Q");
+    message.extend_from_slice(&((sql.len() + 5) as u32).to_be_bytes());
+    message.extend_from_slice(sql.as_bytes());
+    message.extend_from_slice(b"\0");
+    write_all(&mut login.stream, &message).await?;
+    let mut answer = None;
+    loop {
+        while let Some(frame) =
+            split_frame(&mut login.pending, 1 << 16).map_err(|e| e.to_string())?
+        {
+            match frame.tag {
+                // DataRow: one column, its length, then "t" or "f".
+                b'D' => answer = frame.body().get(6).map(|b| *b == b't'),
+                b'E' => return Err(error_text(frame.body())),
+                b'Z' => return answer.ok_or_else(|| "no answer about the restart".into()),
+                _ => {}
+            }
+        }
+        if login
+            .stream
+            .read_buf(&mut login.pending)
+            .await
+            .map_err(|e| e.to_string())?
+            == 0
+        {
+            return Err("the node closed the connection".into());
+        }
+    }
+}
 
 async fn write_all(stream: &mut PgStream, bytes: &[u8]) -> Result<(), String> {
     stream.write_all(bytes).await.map_err(|e| e.to_string())?;

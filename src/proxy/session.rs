@@ -121,6 +121,7 @@ async fn prepare(
         startup: startup.clone(),
         credentials,
         memory: SessionMemory::default(),
+        since: Instant::now(),
     });
     if credentials.is_some()
         && let Some((ready, registration)) =
@@ -468,6 +469,9 @@ async fn relay_session(
                             }
                             ready = moved.ready;
                             registration = moved.registration;
+                            if let Some(m) = mover.as_mut() {
+                                m.since = Instant::now();
+                            }
                             client_pending = held;
                             continue;
                         }

@@ -275,3 +275,46 @@ async fn an_idle_session_moves_through_a_kill9_failover() {
     );
     assert!(killed.elapsed() < Duration::from_secs(60));
 }
+
+/// `pg_terminate_backend` of an idle session is an operator's decision,
+/// not a change of primary: the session ends with the node's own error.
+/// A server restarted in place (a crash) is not: the session moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminated_session_ends_and_a_restarted_server_keeps_its_sessions() {
+    let mut env = crate::harness::ProxiedCluster::start_with(&["--client-auth", "proxy"]);
+    let dsn = env.dsn(SCRAM_USER.name, SCRAM_USER.password, APP_DB);
+    let (victim, victim_end) = connect_watching(&dsn).await;
+    let pid: i32 = victim
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("pid")
+        .get(0);
+    let survivor = connect(&dsn).await;
+    survivor
+        .batch_execute("SET application_name = 'survivor'")
+        .await
+        .expect("SET");
+    env.cluster
+        .primary
+        .psql(&format!("SELECT pg_terminate_backend({pid})"));
+    let e = tokio::time::timeout(DEADLINE, victim_end)
+        .await
+        .expect("the terminated session ends")
+        .expect("connection task")
+        .expect_err("terminated");
+    assert!(describe(&e).starts_with("57P01"), "{}", describe(&e));
+
+    env.cluster.primary.stop_immediate();
+    env.cluster.primary.start();
+    // The session waits in the proxy while the server restarts; its next
+    // statement runs on the restarted server (or on n2, if the proxy
+    // failed over first), with its setting.
+    let row = tokio::time::timeout(
+        DEADLINE,
+        survivor.query_one("SELECT current_setting('application_name')", &[]),
+    )
+    .await
+    .expect("answered within the deadline")
+    .expect("the idle session survived the restart");
+    assert_eq!(row.get::<_, String>(0), "survivor");
+}
