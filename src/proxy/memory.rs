@@ -115,35 +115,34 @@ impl SessionMemory {
         false
     }
 
+    /// Called for every simple query: no allocation unless it sets state.
     fn query(&mut self, sql: &str, in_transaction: bool) -> bool {
-        let statements: Vec<&str> = sql
-            .split(';')
-            .map(str::trim)
-            .filter(|s| !strip_comments(s).is_empty())
-            .collect();
-        let kinds: Vec<Kind> = statements.iter().map(|s| classify(s)).collect();
-        if let Some(reason) = kinds.iter().find_map(|k| match k {
-            Kind::Pins(reason) => Some(*reason),
-            _ => None,
-        }) {
-            self.pinned = Some(reason);
-            return false;
+        let (mut statements, mut begins, mut first) = (0, false, Kind::Plain);
+        let mut sets_state = false;
+        for statement in sql.split(';').filter(|s| !strip_comments(s).is_empty()) {
+            let kind = classify(statement);
+            if let Kind::Pins(reason) = kind {
+                self.pinned = Some(reason);
+                return false;
+            }
+            if statements == 0 {
+                first = kind;
+            }
+            statements += 1;
+            begins |= kind == Kind::Begin;
+            sets_state |= matches!(kind, Kind::Replay | Kind::DiscardAll);
         }
-        let begins = kinds.contains(&Kind::Begin);
-        let sets_state = kinds
-            .iter()
-            .any(|k| matches!(k, Kind::Replay | Kind::DiscardAll));
         if !sets_state {
             return begins;
         }
-        if in_transaction || statements.len() > 1 {
+        if in_transaction || statements > 1 {
             // Undone by a rollback, or mixed with other work: replaying it
             // alone would not give the same state.
             self.pinned = Some("session state set inside a transaction");
             return begins;
         }
-        match kinds.first() {
-            Some(Kind::DiscardAll) => self.replay.clear(),
+        match first {
+            Kind::DiscardAll => self.replay.clear(),
             _ => self.replay.push(Replay::Query(sql.trim().to_owned())),
         }
         false
@@ -229,6 +228,40 @@ enum Kind {
     Begin,
 }
 
+/// A statement's word lower-cased in place of an allocation: the keywords
+/// looked for are short, and a longer word is none of them.
+struct Keyword {
+    buf: [u8; 12],
+    len: usize,
+}
+
+impl Keyword {
+    fn of(word: Option<&str>) -> Self {
+        let word = word.unwrap_or("").as_bytes();
+        let mut buf = [0u8; 12];
+        let len = if word.len() <= buf.len() {
+            word.len()
+        } else {
+            0
+        };
+        buf[..len].copy_from_slice(&word[..len]);
+        buf.make_ascii_lowercase();
+        Self { buf, len }
+    }
+
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or("")
+    }
+}
+
+/// `needle` (lower case) in `haystack`, ASCII case ignored, no allocation.
+fn contains_ignoring_case(haystack: &str, needle: &str) -> bool {
+    haystack
+        .as_bytes()
+        .windows(needle.len())
+        .any(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
+}
+
 /// Drops leading comments and whitespace.
 fn strip_comments(mut s: &str) -> &str {
     loop {
@@ -246,25 +279,28 @@ fn strip_comments(mut s: &str) -> &str {
 /// What one statement does to session state, from its leading words
 /// (and, for functions that lock or set state, from anywhere in it).
 fn classify(statement: &str) -> Kind {
-    let text = strip_comments(statement).to_ascii_lowercase();
-    if text.contains("pg_advisory_lock") || text.contains("pg_try_advisory_lock") {
+    let text = strip_comments(statement);
+    // Matches pg_advisory_lock and pg_try_advisory_lock, not the
+    // transaction-scoped pg_advisory_xact_lock.
+    if contains_ignoring_case(text, "advisory_lock") {
         return Kind::Pins("a session advisory lock");
     }
-    if text.contains("set_config") {
+    if contains_ignoring_case(text, "set_config") {
         return Kind::Pins("set_config() may set session state");
     }
     let mut words = text
         .split(|c: char| c.is_whitespace() || c == '(')
         .filter(|w| !w.is_empty());
-    let first = words.next().unwrap_or("");
-    let second = words.next().unwrap_or("");
-    match (first, second) {
+    let (first, second) = (Keyword::of(words.next()), Keyword::of(words.next()));
+    match (first.as_str(), second.as_str()) {
         ("set", "local" | "transaction") => Kind::Plain,
         ("set" | "reset" | "listen" | "unlisten" | "prepare" | "deallocate", _) => Kind::Replay,
         ("discard", "all") => Kind::DiscardAll,
         ("begin", _) | ("start", "transaction") => Kind::Begin,
         ("create", "temp" | "temporary" | "local" | "global") => Kind::Pins("a temporary table"),
-        ("declare", _) if text.contains("with hold") => Kind::Pins("a WITH HOLD cursor"),
+        ("declare", _) if contains_ignoring_case(text, "with hold") => {
+            Kind::Pins("a WITH HOLD cursor")
+        }
         ("do", _) => Kind::Pins("a DO block may change session state"),
         ("load", _) => Kind::Pins("a loaded library"),
         _ => Kind::Plain,
@@ -404,6 +440,15 @@ mod tests {
             Some("session state set inside a transaction"),
             "pipelined"
         );
+        let mut m = SessionMemory::default();
+        m.feed(&query("  Set Search_Path TO app"), false);
+        m.feed(&query("SELECT pg_advisory_xact_lock(1)"), false);
+        m.feed(&query("Create TEMPORARY table x (y int)"), false);
+        assert_eq!(
+            m.replay,
+            vec![Replay::Query("Set Search_Path TO app".into())]
+        );
+        assert_eq!(m.pinned, Some("a temporary table"), "case does not matter");
         let mut m = SessionMemory::default();
         m.feed(&query("SET LOCAL work_mem = '1MB'"), true);
         m.feed(&query("/* hi */ select 1"), true);
