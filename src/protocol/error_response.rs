@@ -42,6 +42,16 @@ impl ProxyError {
         }
     }
 
+    /// An ERROR: the statement failed, the session goes on.
+    pub fn error(code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            severity: "ERROR",
+            code,
+            message: message.into(),
+            detail: None,
+        }
+    }
+
     pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
         self.detail = Some(detail.into());
         self

@@ -287,6 +287,24 @@ impl Upstream<'_> {
     }
 }
 
+/// The ErrorResponse at the start of `bytes` ends the session (severity
+/// FATAL or PANIC, read from the untranslated `V` field).
+fn is_fatal(bytes: &[u8]) -> bool {
+    let Some(len) = bytes
+        .get(1..5)
+        .map(|l| u32::from_be_bytes([l[0], l[1], l[2], l[3]]) as usize)
+    else {
+        return false;
+    };
+    let Some(fields) = bytes.get(5..(len + 1).min(bytes.len())) else {
+        return false;
+    };
+    fields
+        .split(|b| *b == 0)
+        .find_map(|field| field.strip_prefix(b"V"))
+        .is_some_and(|severity| severity == b"FATAL" || severity == b"PANIC")
+}
+
 /// Exactly one Terminate message: a client leaving with nothing in flight.
 fn is_lone_terminate(bytes: &[u8]) -> bool {
     bytes == [TERMINATE, 0, 0, 0, 4]
@@ -346,10 +364,11 @@ async fn forward_down(
     if state.movable
         && chunk.first() == Some(&ERROR_RESPONSE)
         && state.tracker.at_boundary()
-        && status.is_idle()
+        && (status.is_idle() || is_fatal(chunk))
     {
-        // Nothing asked for it: a FATAL ending the session (shutdown,
-        // postmaster death, termination). Kept until the move decides.
+        // A FATAL ending the session (shutdown, postmaster death,
+        // termination), or an error nobody asked for: kept from the client
+        // until the move decides.
         state.held_error = Some(BytesMut::from(chunk));
         return Err(RelayEnd::BackendLost(None));
     }

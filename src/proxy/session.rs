@@ -447,7 +447,13 @@ async fn relay_session(
             _ => false,
         };
         let idle = downstream.can_inject() && status.is_idle();
-        if let (true, true, Some(m)) = (movable_end, idle, mover.as_ref()) {
+        // One statement outside a transaction block was running when the
+        // node went away: its outcome is unknown, but the session can go on.
+        let lost_statement = matches!(end, RelayEnd::BackendLost(_))
+            && downstream.can_inject()
+            && status.get() == TransactionStatus::Idle.as_byte()
+            && status.in_flight() == 1;
+        if let (true, true, Some(m)) = (movable_end, idle || lost_statement, mover.as_ref()) {
             match m.memory.pinned {
                 None => {
                     say_goodbye(&mut backend).await;
@@ -461,10 +467,13 @@ async fn relay_session(
                             proxy
                                 .sessions
                                 .note_moved(&moved.ready.node.name, paused.elapsed());
-                            info!(node = %moved.ready.node.name, "session moved to the new primary");
-                            if !moved.notices.is_empty()
-                                && client.write_all(&moved.notices).await.is_err()
-                            {
+                            info!(node = %moved.ready.node.name, lost_statement, "session moved to the new primary");
+                            let mut owed = BytesMut::new();
+                            if lost_statement {
+                                outcome_unknown(&mut owed, &moved.ready.node.name);
+                            }
+                            owed.extend_from_slice(&moved.notices);
+                            if !owed.is_empty() && client.write_all(&owed).await.is_err() {
                                 return;
                             }
                             ready = moved.ready;
@@ -554,6 +563,20 @@ async fn relay_once(
         evict.as_mut(),
     )
     .await
+}
+
+/// What the client of a statement lost with its node gets: an error (not
+/// FATAL: the connection stays) and ReadyForQuery, outside a transaction.
+fn outcome_unknown(out: &mut BytesMut, node: &str) {
+    ProxyError::error(
+        sqlstate::CONNECTION_FAILURE,
+        "the primary went away while this statement ran: its outcome is unknown",
+    )
+    .with_detail(format!(
+        "pgfailover moved the session to {node}; the connection stays open and the next statement runs there"
+    ))
+    .encode(out);
+    out.extend_from_slice(&READY_IDLE);
 }
 
 /// A session that could have moved but did not: it gets the error it

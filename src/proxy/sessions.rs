@@ -41,6 +41,13 @@ impl SessionStatus {
         self.replies.store(n, Ordering::Relaxed);
     }
 
+    /// Requests sent that have not had their ReadyForQuery yet.
+    pub fn in_flight(&self) -> u64 {
+        self.requests
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.replies.load(Ordering::Relaxed))
+    }
+
     /// Between transactions with nothing in flight.
     pub fn is_idle(&self) -> bool {
         self.get() == TransactionStatus::Idle.as_byte()
@@ -79,7 +86,7 @@ impl MoveTally {
     /// One line for the event log.
     pub fn describe(&self) -> String {
         let mut text = format!(
-            "{} idle sessions moved to {} (longest pause {} ms)",
+            "{} sessions moved to {} (longest pause {} ms)",
             self.moved,
             if self.to.is_empty() { "-" } else { &self.to },
             self.longest_pause.as_millis()

@@ -237,7 +237,7 @@ async fn an_idle_session_moves_through_a_switchover_with_its_state() {
         !report.is_empty()
     });
     println!("{report}");
-    assert!(report.contains("idle sessions moved to n2"), "{report}");
+    assert!(report.contains("sessions moved to n2"), "{report}");
     assert!(report.contains("1 a temporary table"), "{report}");
 }
 
@@ -252,13 +252,25 @@ async fn an_idle_session_moves_through_a_kill9_failover() {
         .await
         .expect("SET");
     assert_eq!(node_of(&idle).await.expect("node"), "n1");
+    // A statement running when the primary dies: its outcome is unknown,
+    // so it fails, but its connection stays.
+    let busy = connect(&c.dsn()).await;
+    let sleeping = tokio::spawn(async move {
+        let outcome = busy.simple_query("SELECT pg_sleep(30)").await;
+        (busy, outcome)
+    });
+    wait_until("the statement runs on n1", DEADLINE, || {
+        c.cluster
+            .primary
+            .try_psql("SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)'")
+            .is_ok_and(|n| n == "1")
+    });
 
     let killed = Instant::now();
     c.cluster.primary.kill9();
     c.wait_for_term(2, "n2");
-    wait_until("the session's move is done", DEADLINE, || {
-        let (_, text) = admin_get(c.voters.admin_port("p1"), "/metrics");
-        text.contains("pgfailover_sessions_moved_total 1")
+    wait_until("both sessions moved", DEADLINE, || {
+        metric(c.voters.admin_port("p1"), "pgfailover_sessions_moved_total") == 2
     });
     let row = idle
         .query_one(
@@ -274,6 +286,19 @@ async fn an_idle_session_moves_through_a_kill9_failover() {
         killed.elapsed()
     );
     assert!(killed.elapsed() < Duration::from_secs(60));
+
+    let (busy, outcome) = tokio::time::timeout(DEADLINE, sleeping)
+        .await
+        .expect("the statement's answer")
+        .expect("task");
+    let e = outcome.expect_err("its node died");
+    assert!(
+        describe(&e).contains("outcome is unknown"),
+        "{}",
+        describe(&e)
+    );
+    assert!(!busy.is_closed(), "the connection stays open");
+    assert_eq!(node_of(&busy).await.expect("the next statement runs"), "n2");
 }
 
 /// `pg_terminate_backend` of an idle session is an operator's decision,
