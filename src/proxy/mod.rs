@@ -4,6 +4,7 @@ mod backend;
 mod cancel_map;
 mod client;
 mod client_auth;
+mod control_query;
 mod error;
 mod handshake;
 mod memory;

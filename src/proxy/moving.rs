@@ -9,20 +9,19 @@
 use std::collections::HashMap;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::time::{Instant, timeout};
 
 use super::Proxy;
-use super::backend::{QuietLogin, ReadyBackend, error_text};
+use super::backend::{QuietLogin, ReadyBackend};
 use super::cancel_map::CancelTarget;
+use super::control_query::{exchange, simple_query};
 use super::memory::{Replay, SessionMemory};
 use super::node_login::NodeLogin;
 use super::session::open_backend;
 use super::sessions::Registration;
-use super::tls::PgStream;
 use crate::auth::Credentials;
 use crate::protocol::TransactionStatus;
-use crate::protocol::backend::split_frame;
 use crate::protocol::startup::StartupMessage;
 
 /// What a session keeps so that it can move.
@@ -90,7 +89,9 @@ pub async fn move_session(
     let node = quiet.node.name.clone();
     let same_route = node == old.node.name && quiet.term == old.term;
     if ended_by_node && same_route && !restarted_since(&mut quiet, mover.since).await? {
-        let _ = write_all(&mut quiet.stream, &TERMINATE).await;
+        if quiet.stream.write_all(&TERMINATE).await.is_ok() {
+            let _ = quiet.stream.flush().await;
+        }
         return Err(NotMoved::EndedByNode);
     }
     timeout(
@@ -128,21 +129,15 @@ pub async fn move_session(
 /// error ends the move (the session would not be the one it was).
 async fn replay(login: &mut QuietLogin, items: &[Replay]) -> Result<(), String> {
     for item in items {
-        let mut message = BytesMut::new();
-        match item {
-            Replay::Query(sql) => {
-                message.extend_from_slice(b"Q");
-                message.extend_from_slice(&((sql.len() + 5) as u32).to_be_bytes());
-                message.extend_from_slice(sql.as_bytes());
-                message.extend_from_slice(b"\0");
+        let request = match item {
+            Replay::Query(sql) => simple_query(sql),
+            Replay::Parse { message, .. } => {
+                let mut request = BytesMut::from(&message[..]);
+                request.extend_from_slice(&SYNC);
+                request
             }
-            Replay::Parse { message: parse, .. } => {
-                message.extend_from_slice(parse);
-                message.extend_from_slice(&SYNC);
-            }
-        }
-        write_all(&mut login.stream, &message).await?;
-        until_ready(&mut login.stream, &mut login.pending)
+        };
+        exchange(&mut login.stream, &mut login.pending, &request)
             .await
             .map_err(|e| format!("replaying {item:?}: {e}"))?;
     }
@@ -182,57 +177,8 @@ async fn restarted_since(login: &mut QuietLogin, since: Instant) -> Result<bool,
         "SELECT pg_postmaster_start_time() > now() - interval '{} milliseconds'",
         since.elapsed().as_millis()
     );
-    let mut message = BytesMut::new();
-    message.extend_from_slice(b"Q");
-    message.extend_from_slice(&((sql.len() + 5) as u32).to_be_bytes());
-    message.extend_from_slice(sql.as_bytes());
-    message.extend_from_slice(b"\0");
-    write_all(&mut login.stream, &message).await?;
-    let mut answer = None;
-    loop {
-        while let Some(frame) =
-            split_frame(&mut login.pending, 1 << 16).map_err(|e| e.to_string())?
-        {
-            match frame.tag {
-                // DataRow: one column, its length, then "t" or "f".
-                b'D' => answer = frame.body().get(6).map(|b| *b == b't'),
-                b'E' => return Err(error_text(frame.body())),
-                b'Z' => return answer.ok_or_else(|| "no answer about the restart".into()),
-                _ => {}
-            }
-        }
-        if login
-            .stream
-            .read_buf(&mut login.pending)
-            .await
-            .map_err(|e| e.to_string())?
-            == 0
-        {
-            return Err("the node closed the connection".into());
-        }
-    }
-}
-
-async fn write_all(stream: &mut PgStream, bytes: &[u8]) -> Result<(), String> {
-    stream.write_all(bytes).await.map_err(|e| e.to_string())?;
-    stream.flush().await.map_err(|e| e.to_string())
-}
-
-/// Reads to the next ReadyForQuery; an ErrorResponse on the way fails.
-async fn until_ready(stream: &mut PgStream, buf: &mut BytesMut) -> Result<(), String> {
-    let mut failed = None;
-    loop {
-        while let Some(frame) = split_frame(buf, 1 << 20).map_err(|e| e.to_string())? {
-            match frame.tag {
-                b'E' => failed = Some(error_text(frame.body())),
-                b'Z' => return failed.map_or(Ok(()), Err),
-                _ => {}
-            }
-        }
-        if stream.read_buf(buf).await.map_err(|e| e.to_string())? == 0 {
-            return Err("the node closed the connection".into());
-        }
-    }
+    let reply = exchange(&mut login.stream, &mut login.pending, &simple_query(&sql)).await?;
+    Ok(reply.value.as_deref() == Some(&b"t"[..]))
 }
 
 /// The ParameterStatus messages of `new` whose value differs from `old`.

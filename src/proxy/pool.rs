@@ -14,6 +14,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use tokio::time::Instant;
 
+use super::control_query::exchange;
 use super::tls::PgStream;
 use crate::protocol::cancel::CancelKey;
 
@@ -150,37 +151,15 @@ const DISCARD_ALL: &[u8] = b"Q\0\0\0\x10DISCARD ALL\0";
 /// advisory locks, session settings back to the login's), then waits for
 /// its ReadyForQuery outside any transaction.
 pub async fn reset(stream: &mut PgStream, limit: Duration) -> Result<(), String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    use crate::protocol::backend::split_frame;
-
-    let work = async {
-        stream
-            .write_all(DISCARD_ALL)
-            .await
-            .map_err(|e| e.to_string())?;
-        stream.flush().await.map_err(|e| e.to_string())?;
-        let mut buf = BytesMut::with_capacity(256);
-        let mut completed = false;
-        loop {
-            while let Some(frame) = split_frame(&mut buf, 1 << 16).map_err(|e| e.to_string())? {
-                match frame.tag {
-                    b'C' => completed = true,
-                    b'E' => return Err("DISCARD ALL failed".to_owned()),
-                    b'Z' if completed && frame.body() == b"I" => return Ok(()),
-                    b'Z' => return Err("not idle after DISCARD ALL".to_owned()),
-                    // Notices, ParameterStatus, notifications: nobody's now.
-                    _ => {}
-                }
-            }
-            if stream.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
-                return Err("the node closed the connection".to_owned());
-            }
-        }
-    };
-    tokio::time::timeout(limit, work)
+    let mut buf = BytesMut::with_capacity(256);
+    let reply = tokio::time::timeout(limit, exchange(stream, &mut buf, DISCARD_ALL))
         .await
         .map_err(|_| format!("no answer to DISCARD ALL within {limit:?}"))?
+        .map_err(|e| format!("DISCARD ALL: {e}"))?;
+    if !reply.completed || reply.status != b'I' || !buf.is_empty() {
+        return Err("not idle after DISCARD ALL".into());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
