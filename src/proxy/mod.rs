@@ -45,8 +45,8 @@ use prometheus::IntCounter;
 /// beyond this many the proxy just closes them.
 const MAX_PENDING_REJECTIONS: usize = 1_000;
 /// Sessions that log in to a new primary at once after a change of
-/// primary: enough to keep the pause short, few enough not to storm the
-/// new primary with forks.
+/// primary, moved and held new ones each: enough to keep the pause short,
+/// few enough not to storm the new primary with forks.
 const MOVES_AT_ONCE: usize = 8;
 /// Pause after a failed accept (e.g. out of file descriptors), so the
 /// loop backs off instead of spinning.
@@ -85,6 +85,8 @@ pub struct Proxy {
     pub pool: Option<pool::ServerPool>,
     /// Sessions logging in to a new primary at once (moves are paced).
     moves: Semaphore,
+    /// Held new sessions connecting at once when a route comes back.
+    held_turns: Arc<Semaphore>,
     limits: ArcSwap<SessionLimits>,
     /// Relay byte counters, looked up once instead of per chunk.
     bytes_to_server: IntCounter,
@@ -120,6 +122,7 @@ impl Proxy {
             auth,
             pool,
             moves: Semaphore::new(MOVES_AT_ONCE),
+            held_turns: Arc::new(Semaphore::new(MOVES_AT_ONCE)),
             limits: ArcSwap::from_pointee(SessionLimits::of(&config)),
             sessions,
             bytes_to_server: relayed("client_to_server"),

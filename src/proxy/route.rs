@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, sleep_until, timeout, timeout_at};
 use tracing::{debug, info, warn};
 
@@ -24,14 +25,17 @@ pub struct Route {
     pub node: Arc<NodeSpec>,
     pub term: u64,
     pub stream: PgStream,
+    /// A session that was held gets a turn before it connects: when the
+    /// route comes back, every held session would fork a backend at once.
+    /// Dropped once the node answered the startup.
+    pub turn: Option<OwnedSemaphorePermit>,
 }
 
 /// Connects to the current writable node, waiting (woken by topology
 /// changes) until `deadline` when there is none or it cannot be reached.
 /// Cancel safe: holds nothing but a watch receiver.
 pub async fn connect_writable(
-    topology: &TopologyStore,
-    metrics: &Metrics,
+    (topology, metrics, turns): (&TopologyStore, &Metrics, &Arc<Semaphore>),
     backend_tls: Option<&BackendTls>,
     (connect_timeout, stall_limit): (Duration, Duration),
     deadline: Instant,
@@ -49,6 +53,10 @@ pub async fn connect_writable(
             retry_at = Some(Instant::now() + RECONNECT_PAUSE);
         }
         if let Some(node) = snapshot.writable().filter(|_| leased) {
+            let turn = match held_since {
+                Some(_) => Arc::clone(turns).acquire_owned().await.ok(),
+                None => None,
+            };
             let started = Instant::now();
             match connect(node, backend_tls, connect_timeout, stall_limit).await {
                 Ok(stream) => {
@@ -62,6 +70,7 @@ pub async fn connect_writable(
                         node: Arc::clone(node),
                         term: snapshot.term,
                         stream,
+                        turn,
                     });
                 }
                 Err(reason) => {

@@ -352,8 +352,7 @@ pub(super) async fn open_backend(
 ) -> Result<(BackendConn, Registration), SessionError> {
     loop {
         let route = connect_writable(
-            &proxy.topology,
-            &proxy.metrics,
+            (&proxy.topology, &proxy.metrics, &proxy.held_turns),
             proxy.config.monitor.tls.as_ref(),
             (limits.connect_timeout, proxy.config.member.lease_duration),
             deadline,
@@ -367,6 +366,8 @@ pub(super) async fn open_backend(
             debug!(%node, "routing paused after connecting; routing again");
             continue;
         }
+        // Kept until the node answers the startup (its backend is forked).
+        let _turn = route.turn;
         let mut backend = BackendConn::new(route.node, route.term, route.stream);
         let answered = tokio::select! {
             sent = timeout(limits.startup_timeout, backend.send_startup(&startup.raw)) => sent,
