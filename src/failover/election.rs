@@ -302,10 +302,10 @@ impl Coordinator {
 
     /// Publishes `term` with `primary` to every voter (this one first).
     pub(super) async fn publish_term(&self, term: u64, primary: &str) {
-        let request = PublishRequest {
+        let mut request = PublishRequest {
             term,
             primary: primary.into(),
-            timeline: self.timeline_of(primary).await,
+            timeline: None,
         };
         let replies = self.peers.publish(&request).await;
         let accepted = replies.iter().filter(|r| r.is_ok()).count();
@@ -326,6 +326,13 @@ impl Coordinator {
             ),
         );
         self.refresh_route();
+        // Writes resume first; the primary's timeline follows in a second
+        // publish of the same term, which voters take to fill it in. Until
+        // then (or if it never comes) adoption just refuses.
+        request.timeline = self.timeline_of(primary).await;
+        if request.timeline.is_some() {
+            let _ = self.peers.publish(&request).await;
+        }
     }
 
     /// The timeline `node` writes on, asked now (it was just promoted or
