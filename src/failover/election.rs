@@ -1,7 +1,7 @@
 //! Terms: learning the newest one from the voters, winning a vote for the
 //! next one, and publishing it.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -326,29 +326,21 @@ impl Coordinator {
             ),
         );
         self.refresh_route();
-        // Writes resume first; the primary's timeline follows in a second
-        // publish of the same term, which voters take to fill it in. Until
-        // then (or if it never comes) adoption just refuses.
-        request.timeline = self.timeline_of(primary).await;
-        if request.timeline.is_some() {
-            let _ = self.peers.publish(&request).await;
-        }
-    }
-
-    /// The timeline `node` writes on, asked now (it was just promoted or
-    /// chosen). `None` when it does not answer: the last probe may predate
-    /// the promotion, and an unknown timeline only makes adoption refuse.
-    async fn timeline_of(&self, node: &str) -> Option<u32> {
-        let topology = self.topology.load();
-        let index = topology.index_of(node)?;
-        NodeSql {
-            node: &topology.nodes[index].spec,
-            monitor: &self.monitor,
-        }
-        .writable_timeline()
-        .await
-        .inspect_err(|e| warn!(node, error = %e, "cannot read the new primary's timeline"))
-        .ok()
+        // Writes resume and the procedure reports first; the primary's
+        // timeline follows in a second publish of the same term, which
+        // voters take to fill it in. Until then (or if it never comes)
+        // adoption just refuses.
+        let (topology, monitor, peers) = (
+            Arc::clone(&self.topology),
+            Arc::clone(&self.monitor),
+            Arc::clone(&self.peers),
+        );
+        tokio::spawn(async move {
+            request.timeline = timeline_of(&topology, &monitor, &request.primary).await;
+            if request.timeline.is_some() {
+                let _ = peers.publish(&request).await;
+            }
+        });
     }
 
     /// True when a majority of voters confirm `term` is the newest: the
@@ -437,6 +429,26 @@ impl QuickRetries {
         used.1 += 1;
         used.1 <= Self::PER_TERM
     }
+}
+
+/// The timeline `node` writes on, asked now (it was just promoted or
+/// chosen). `None` when it does not answer: the last probe may predate
+/// the promotion, and an unknown timeline only makes adoption refuse.
+async fn timeline_of(
+    topology: &crate::topology::TopologyStore,
+    monitor: &crate::config::MonitorConfig,
+    node: &str,
+) -> Option<u32> {
+    let topology = topology.load();
+    let index = topology.index_of(node)?;
+    NodeSql {
+        node: &topology.nodes[index].spec,
+        monitor,
+    }
+    .writable_timeline()
+    .await
+    .inspect_err(|e| warn!(node, error = %e, "cannot read the new primary's timeline"))
+    .ok()
 }
 
 #[cfg(test)]
