@@ -77,34 +77,35 @@ impl Postmaster {
         self.stop_with(server, Shutdown::Fast).await
     }
 
-    /// The fence: SIGKILL to the server's whole process group (the
-    /// postmaster and every backend), then reap. Unlike any shutdown it
-    /// takes effect on a frozen server too, and no backend of it runs one
-    /// more instruction; the next start recovers like after a crash.
+    /// The fence: SIGKILL to the postmaster and every backend. Unlike any
+    /// shutdown it takes effect on a frozen server too, and no backend of
+    /// it runs one more instruction; the next start recovers like after a
+    /// crash. Backends are not in the postmaster's process group (each
+    /// calls setsid), so they are found as its children once it is
+    /// stopped (it forks no more) and killed one by one.
     pub async fn kill(mut self) -> Result<(), String> {
         let Some(pid) = self.child.id() else {
             return Ok(());
         };
-        let killed = tokio::process::Command::new("kill")
-            .args(["-KILL", "--", &format!("-{pid}")])
-            .status()
+        signal(pid, "-STOP").await?;
+        timeout(REAP_TIMEOUT, stopped(pid))
             .await
-            .map_err(|e| format!("cannot run kill: {e}"))?;
-        if !killed.success() {
-            return Err(format!(
-                "kill -KILL of process group {pid} failed ({killed})"
-            ));
+            .map_err(|_| format!("postgres {pid} did not stop within {REAP_TIMEOUT:?}"))?;
+        let backends = children_of(pid);
+        signal(pid, "-KILL").await?;
+        for backend in &backends {
+            // One may have exited meanwhile: not an error.
+            let _ = signal(*backend, "-KILL").await;
         }
         timeout(REAP_TIMEOUT, self.child.wait())
             .await
             .map_err(|_| format!("postgres {pid} not reaped within {REAP_TIMEOUT:?}"))?
             .map_err(|e| e.to_string())?;
-        // The backends die on their own time once the postmaster is gone;
-        // until the last one has, the shared memory block is in use and a
-        // crash recovery (pg_rewind's first step) refuses to start.
-        timeout(REAP_TIMEOUT, group_gone(pid))
+        // Until the last backend is gone the shared memory block is in use
+        // and a crash recovery (pg_rewind's first step) refuses to start.
+        timeout(REAP_TIMEOUT, all_gone(&backends))
             .await
-            .map_err(|_| format!("processes of group {pid} still run after {REAP_TIMEOUT:?}"))
+            .map_err(|_| format!("backends of postgres {pid} still run after {REAP_TIMEOUT:?}"))
     }
 
     /// `pg_ctl stop` in `mode`, then reap.
@@ -117,52 +118,95 @@ impl Postmaster {
     }
 }
 
-/// Resolves once no live process is left in process group `pgid`.
-/// Zombies do not count: they hold no shared memory, and under a PID 1
-/// that does not reap (some containers) they would never go.
-async fn group_gone(pgid: u32) {
-    while group_has_live_process(pgid) {
+/// Sends `sig` (as `kill` spells it) to `pid`.
+async fn signal(pid: u32, sig: &str) -> Result<(), String> {
+    let sent = tokio::process::Command::new("kill")
+        .args([sig, "--", &pid.to_string()])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .await
+        .map_err(|e| format!("cannot run kill: {e}"))?;
+    if sent.success() {
+        Ok(())
+    } else {
+        Err(format!("kill {sig} {pid} failed ({sent})"))
+    }
+}
+
+/// `/proc/PID/stat` after "pid (comm) ": state, ppid, ...
+fn stat_fields(pid: u32) -> Option<(String, u32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(&stat)
+}
+
+fn parse_stat(stat: &str) -> Option<(String, u32)> {
+    let (_, rest) = stat.rsplit_once(") ")?;
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.to_owned();
+    let ppid = fields.next()?.parse().ok()?;
+    Some((state, ppid))
+}
+
+/// Resolves once `pid` is stopped (or gone).
+async fn stopped(pid: u32) {
+    while stat_fields(pid).is_some_and(|(state, _)| state != "T" && state != "t") {
+        sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The processes whose parent is `pid`.
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+        .filter(|child| stat_fields(*child).is_some_and(|(_, ppid)| ppid == pid))
+        .collect()
+}
+
+/// Resolves once none of `pids` is alive. Zombies do not count: they hold
+/// no shared memory, and under a PID 1 that does not reap (some
+/// containers) they would never go.
+async fn all_gone(pids: &[u32]) {
+    let alive =
+        |pid: &u32| stat_fields(*pid).is_some_and(|(state, _)| state != "Z" && state != "X");
+    while pids.iter().any(alive) {
         sleep(Duration::from_millis(20)).await;
     }
 }
 
-/// Scans /proc for a process of group `pgid` that is not a zombie.
-fn group_has_live_process(pgid: u32) -> bool {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return false;
-    };
-    entries
-        .flatten()
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .bytes()
-                .all(|b| b.is_ascii_digit())
-        })
-        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
-        .any(|stat| live_in_group(&stat, pgid))
-}
-
-/// Reads `/proc/PID/stat`: after "pid (comm) " come state, ppid, pgrp.
-fn live_in_group(stat: &str, pgid: u32) -> bool {
-    let Some((_, rest)) = stat.rsplit_once(") ") else {
-        return false;
-    };
-    let mut fields = rest.split_whitespace();
-    let state = fields.next();
-    let pgrp = fields.nth(1).and_then(|g| g.parse::<u32>().ok());
-    pgrp == Some(pgid) && state != Some("Z") && state != Some("X")
-}
-
 #[cfg(test)]
 mod tests {
-    use super::live_in_group;
+    use super::parse_stat;
 
     #[test]
-    fn reads_the_group_and_skips_zombies() {
-        let stat = "4242 (postgres: n1: checkpointer ) S 4200 4200 4200 0 -1";
-        assert!(live_in_group(stat, 4200));
-        assert!(!live_in_group(stat, 4201));
-        assert!(!live_in_group("4243 (postgres) Z 1 4200 4200 0", 4200));
+    fn reads_state_and_parent_past_a_title_with_spaces() {
+        let stat = "4242 (postgres: n1: checkpointer ) T 4200 4242 4242 0 -1";
+        assert_eq!(parse_stat(stat), Some(("T".to_owned(), 4200)));
+        assert_eq!(parse_stat("garbage"), None);
+    }
+
+    /// A frozen (SIGSTOPped) child of a process is found and killed.
+    #[tokio::test]
+    async fn finds_the_children_of_a_process() {
+        let mut parent = tokio::process::Command::new("sh")
+            .args(["-c", "sleep 30 & sleep 30 & wait"])
+            .spawn()
+            .expect("spawn sh");
+        let pid = parent.id().expect("pid");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut children = super::children_of(pid);
+        while children.len() < 2 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            children = super::children_of(pid);
+        }
+        assert_eq!(children.len(), 2, "two sleeps");
+        for child in &children {
+            super::signal(*child, "-KILL").await.expect("kill");
+        }
+        super::all_gone(&children).await;
+        let _ = parent.kill().await;
     }
 }
