@@ -13,7 +13,7 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
 use crate::failover::VotingCluster;
 use crate::harness::{
-    APP_DB, AgentCluster, CLUSTER_TOKEN, DEADLINE, SCRAM_USER, admin_get, python3, wait_until,
+    APP_DB, AgentCluster, CLUSTER_TOKEN, DEADLINE, SCRAM_USER, admin_metric, python3, wait_until,
 };
 use crate::util::{connect, describe};
 
@@ -121,15 +121,6 @@ async fn connect_watching(
     (client, tokio::spawn(connection))
 }
 
-fn metric(admin: u16, name: &str) -> u64 {
-    let (_, text) = admin_get(admin, "/metrics");
-    text.lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_session_moves_through_a_switchover_with_its_state() {
     let c = AgentCluster::start_with(&["--client-auth", "proxy"]);
@@ -225,7 +216,7 @@ async fn an_idle_session_moves_through_a_switchover_with_its_state() {
         assert!(text.starts_with("57P01"), "{why}: {text}");
         assert!(detail.contains(why), "{why}: {text} / {detail}");
     }
-    assert!(metric(c.proxy_admin(), "pgfailover_sessions_moved_total") >= 3);
+    assert!(admin_metric(c.proxy_admin(), "pgfailover_sessions_moved_total") >= 3);
     let mut report = String::new();
     wait_until("the sessions_moved event", DEADLINE, || {
         report = c
@@ -270,7 +261,7 @@ async fn an_idle_session_moves_through_a_kill9_failover() {
     c.cluster.primary.kill9();
     c.wait_for_term(2, "n2");
     wait_until("both sessions moved", DEADLINE, || {
-        metric(c.voters.admin_port("p1"), "pgfailover_sessions_moved_total") == 2
+        admin_metric(c.voters.admin_port("p1"), "pgfailover_sessions_moved_total") == 2
     });
     let row = idle
         .query_one(

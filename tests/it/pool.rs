@@ -4,7 +4,7 @@
 //! connect-heavy application stops paying a PostgreSQL fork per session.
 
 use crate::harness::{
-    APP_DB, DEADLINE, ProxiedCluster, SCRAM_USER, admin_get, free_port, wait_until,
+    APP_DB, DEADLINE, ProxiedCluster, SCRAM_USER, admin_get, admin_metric, free_port, wait_until,
 };
 use crate::util::connect;
 
@@ -28,13 +28,10 @@ impl Pooled {
 
     /// `pgfailover_pooled_server_connections{node="n1"}`.
     fn pooled_on_n1(&self) -> u64 {
-        let (_, metrics) = admin_get(self.admin, "/metrics");
-        metrics
-            .lines()
-            .find(|l| l.starts_with("pgfailover_pooled_server_connections{node=\"n1\"}"))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
+        admin_metric(
+            self.admin,
+            "pgfailover_pooled_server_connections{node=\"n1\"}",
+        )
     }
 
     /// Opens a session, runs `sql`, returns the backend pid, and closes

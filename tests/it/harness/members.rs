@@ -200,6 +200,17 @@ pub fn admin_get(port: u16, path: &str) -> (u16, String) {
     admin_request(port, "GET", path, None)
 }
 
+/// The value of the first `/metrics` line starting with `series` (a name,
+/// with its labels when it has some); 0 when there is none.
+pub fn admin_metric(port: u16, series: &str) -> u64 {
+    let (_, text) = admin_get(port, "/metrics");
+    text.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 /// A request with an optional Bearer token; returns (status, body).
 pub fn admin_request(port: u16, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
     admin_send(port, method, path, token, "")

@@ -26,7 +26,8 @@ pub use agent::{AgentCluster, AgentProcess, SLOW_DEADLINE};
 pub use cluster::PgCluster;
 pub use forward::Forwarder;
 pub use members::{
-    VoterSet, WitnessProcess, admin_get, admin_request, admin_send, pgfailover_cli, spawn_member,
+    VoterSet, WitnessProcess, admin_get, admin_metric, admin_request, admin_send, pgfailover_cli,
+    spawn_member,
 };
 pub use netns::{Link, NetNs};
 pub use node::{PgNode, freeze_postmaster, kill9_postmaster, postmaster_pid, psql_socket};
