@@ -29,6 +29,7 @@ pub struct ProxyError {
     pub code: &'static str,
     pub message: String,
     pub detail: Option<String>,
+    pub hint: Option<String>,
 }
 
 impl ProxyError {
@@ -39,6 +40,7 @@ impl ProxyError {
             code,
             message: message.into(),
             detail: None,
+            hint: None,
         }
     }
 
@@ -49,11 +51,17 @@ impl ProxyError {
             code,
             message: message.into(),
             detail: None,
+            hint: None,
         }
     }
 
     pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
         self.detail = Some(detail.into());
+        self
+    }
+
+    pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
         self
     }
 
@@ -68,6 +76,9 @@ impl ProxyError {
         put_field(out, b'M', &self.message);
         if let Some(detail) = &self.detail {
             put_field(out, b'D', detail);
+        }
+        if let Some(hint) = &self.hint {
+            put_field(out, b'H', hint);
         }
         out.put_u8(0);
         patch_length(out, start);

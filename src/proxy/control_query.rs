@@ -21,6 +21,8 @@ pub struct Reply {
     pub completed: bool,
     /// The ReadyForQuery status byte.
     pub status: u8,
+    /// The first ErrorResponse's text, if one arrived.
+    pub error: Option<String>,
 }
 
 /// A simple Query message for `sql`.
@@ -41,19 +43,29 @@ pub async fn exchange(
     buf: &mut BytesMut,
     request: &[u8],
 ) -> Result<Reply, String> {
+    let reply = exchange_reply(stream, buf, request).await?;
+    reply.error.clone().map_or(Ok(reply), Err)
+}
+
+/// As `exchange`, but an ErrorResponse is part of the reply (for a
+/// request meant to fail); only the connection failing is an error.
+pub async fn exchange_reply(
+    stream: &mut PgStream,
+    buf: &mut BytesMut,
+    request: &[u8],
+) -> Result<Reply, String> {
     stream.write_all(request).await.map_err(|e| e.to_string())?;
     stream.flush().await.map_err(|e| e.to_string())?;
     let mut reply = Reply::default();
-    let mut failed = None;
     loop {
         while let Some(frame) = split_frame(buf, MAX_REPLY).map_err(|e| e.to_string())? {
             match frame.tag {
                 b'D' if reply.value.is_none() => reply.value = first_column(&frame),
                 b'C' => reply.completed = true,
-                b'E' => failed = Some(error_text(frame.body())),
+                b'E' if reply.error.is_none() => reply.error = Some(error_text(frame.body())),
                 b'Z' => {
                     reply.status = frame.body().first().copied().unwrap_or(b'I');
-                    return failed.map_or(Ok(reply), Err);
+                    return Ok(reply);
                 }
                 _ => {}
             }

@@ -15,7 +15,7 @@ use tokio::time::{Instant, timeout};
 use super::Proxy;
 use super::backend::{QuietLogin, ReadyBackend};
 use super::cancel_map::CancelTarget;
-use super::control_query::{exchange, simple_query};
+use super::control_query::{exchange, exchange_reply, simple_query};
 use super::memory::{Replay, SessionMemory};
 use super::node_login::NodeLogin;
 use super::session::open_backend;
@@ -56,17 +56,26 @@ impl From<String> for NotMoved {
     }
 }
 
+/// What happened to the session on its old server connection.
+#[derive(Debug, Clone, Copy)]
+pub struct MoveCause {
+    /// The node sent the session an error on its own; that is a move only
+    /// with a new route (another primary or term) or a node that restarted
+    /// since (a crash, then the agent's restart in place), not when an
+    /// operator ended this one session (`pg_terminate_backend`).
+    pub ended_by_node: bool,
+    /// The session's transaction block went with the old connection: the
+    /// new one starts in a failed block, as the client is told.
+    pub transaction_lost: bool,
+}
+
 /// Moves the session of `old` (whose registration the caller dropped).
-/// `ended_by_node`: the node sent the session an error on its own; that is
-/// a move only with a new route (another primary or term) or a node that
-/// restarted since (a crash, then the agent's restart in place), not when
-/// an operator ended this one session (`pg_terminate_backend`).
 pub async fn move_session(
     proxy: &Proxy,
     session_id: u64,
     mover: &Mover,
     mut old: ReadyBackend,
-    ended_by_node: bool,
+    cause: MoveCause,
 ) -> Result<Moved, NotMoved> {
     let limits = proxy.limits();
     let deadline = Instant::now() + limits.hold_timeout;
@@ -88,7 +97,7 @@ pub async fn move_session(
     };
     let node = quiet.node.name.clone();
     let same_route = node == old.node.name && quiet.term == old.term;
-    if ended_by_node && same_route && !restarted_since(&mut quiet, mover.since).await? {
+    if cause.ended_by_node && same_route && !restarted_since(&mut quiet, mover.since).await? {
         if quiet.stream.write_all(&TERMINATE).await.is_ok() {
             let _ = quiet.stream.flush().await;
         }
@@ -100,6 +109,14 @@ pub async fn move_session(
     )
     .await
     .map_err(|_| format!("{node} did not take the session state back in time"))??;
+    let status = if cause.transaction_lost {
+        timeout(limits.startup_timeout, fail_a_transaction_block(&mut quiet))
+            .await
+            .map_err(|_| format!("{node} did not open a failed transaction block in time"))??;
+        TransactionStatus::Failed
+    } else {
+        TransactionStatus::Idle
+    };
     if let Some(cancel) = old.cancel.as_mut() {
         cancel.retarget(CancelTarget {
             node: node.clone(),
@@ -113,7 +130,7 @@ pub async fn move_session(
         term: quiet.term,
         stream: quiet.stream,
         pending: quiet.pending,
-        status: TransactionStatus::Idle,
+        status,
         cancel: old.cancel.take(),
         parameters: quiet.parameters,
         reuse_key: old.reuse_key.take(),
@@ -140,6 +157,23 @@ async fn replay(login: &mut QuietLogin, items: &[Replay]) -> Result<(), String> 
         exchange(&mut login.stream, &mut login.pending, &request)
             .await
             .map_err(|e| format!("replaying {item:?}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Leaves the node inside a failed transaction block, where the client
+/// was left by the error it got for its lost statement: the node then
+/// answers what follows as PostgreSQL answers inside a failed block
+/// (25P02 until the client's ROLLBACK; a COMMIT is answered ROLLBACK).
+/// The failing statement is one that needs no function or table.
+async fn fail_a_transaction_block(login: &mut QuietLogin) -> Result<(), String> {
+    let request = simple_query("BEGIN; ROLLBACK TO SAVEPOINT pgfailover_transaction_lost");
+    let reply = exchange_reply(&mut login.stream, &mut login.pending, &request).await?;
+    if reply.status != TransactionStatus::Failed.as_byte() {
+        return Err(format!(
+            "the node's transaction status is {:?} instead of a failed block",
+            char::from(reply.status)
+        ));
     }
     Ok(())
 }

@@ -256,6 +256,7 @@ impl Upstream<'_> {
         // answers 08P01 itself); the proxy just stops following.
         self.tracking = self.tracking && self.tracker.feed(chunk).is_ok();
         self.status.set_requests(self.tracker.counted());
+        self.status.set_request_open(!self.between_requests());
         self.count.add(chunk.len());
         // Flushed: over TLS the tail of a burst (CopyDone, Sync) would
         // otherwise wait in the record buffer for the next write.
@@ -270,6 +271,17 @@ impl Upstream<'_> {
             self.said_goodbye.store(true, Ordering::Relaxed);
         }
         Ok(())
+    }
+
+    /// The client's last message, whole, ended a request (Query, Sync,
+    /// FunctionCall): nothing it sent waits for more of itself.
+    fn between_requests(&self) -> bool {
+        self.tracking
+            && self.tracker.at_boundary()
+            && self
+                .tracker
+                .last_tag()
+                .is_none_or(|tag| REQUEST_TAGS.contains(&tag))
     }
 
     /// The client sent Terminate as its last whole message.

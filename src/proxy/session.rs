@@ -16,7 +16,7 @@ use super::client_auth::authenticate_client;
 use super::error::SessionError;
 use super::handshake::{ClientRequest, negotiate};
 use super::memory::SessionMemory;
-use super::moving::{Mover, NotMoved, move_session};
+use super::moving::{MoveCause, Moved, Mover, NotMoved, move_session};
 use super::node_login::NodeLogin;
 use super::pool::{self, PoolKey, Pooled};
 use super::relay::{Downstream, RelayEnd, RelayState, relay};
@@ -39,6 +39,8 @@ const RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
 const TERMINATE: [u8; 5] = [b'X', 0, 0, 0, 4];
 /// ReadyForQuery, idle: the end of a pooled connection's greeting.
 const READY_IDLE: [u8; 6] = [b'Z', 0, 0, 0, 5, b'I'];
+/// ReadyForQuery, in a failed transaction block.
+const READY_FAILED: [u8; 6] = [b'Z', 0, 0, 0, 5, b'E'];
 
 /// Whether this connection got a slot under `--max-client-connections`.
 pub enum Admission {
@@ -447,71 +449,28 @@ async fn relay_session(
             RelayEnd::BackendLost(_) => true,
             _ => false,
         };
-        let idle = downstream.can_inject() && status.is_idle();
-        // One statement outside a transaction block was running when the
-        // node went away: its outcome is unknown, but the session can go on.
-        let lost_statement = matches!(end, RelayEnd::BackendLost(_))
+        if let (true, Some(m)) = (movable_end, mover.as_ref())
             && downstream.can_inject()
-            && status.get() == TransactionStatus::Idle.as_byte()
-            && status.in_flight() == 1;
-        if let (true, true, Some(m)) = (movable_end, idle || lost_statement, mover.as_ref()) {
-            match m.memory.pinned {
-                None => {
-                    say_goodbye(&mut backend).await;
-                    drop(backend);
-                    drop(registration);
-                    let ended_by_node = downstream.held_error.is_some();
-                    let paused = Instant::now();
-                    match move_session(proxy, session_id, m, ready, ended_by_node).await {
-                        Ok(moved) => {
-                            proxy.metrics.sessions_moved.inc();
-                            proxy
-                                .sessions
-                                .note_moved(&moved.ready.node.name, paused.elapsed());
-                            info!(node = %moved.ready.node.name, lost_statement, "session moved to the new primary");
-                            let mut owed = BytesMut::new();
-                            if lost_statement {
-                                outcome_unknown(&mut owed, &moved.ready.node.name);
-                            }
-                            owed.extend_from_slice(&moved.notices);
-                            if !owed.is_empty() && client.write_all(&owed).await.is_err() {
-                                return;
-                            }
-                            ready = moved.ready;
-                            registration = moved.registration;
-                            if let Some(m) = mover.as_mut() {
-                                m.since = Instant::now();
-                            }
-                            client_pending = held;
-                            continue;
-                        }
-                        Err(NotMoved::EndedByNode) => {
-                            if let Some(error) = &downstream.held_error {
-                                let _ = client.write_all(error).await;
-                                let _ = client.flush().await;
-                            }
-                            return;
-                        }
-                        Err(NotMoved::Failed(why)) => {
-                            not_moved(proxy, &mut client, &end, "move_failed", &why).await;
-                            return;
-                        }
-                    }
-                }
-                Some(reason) => {
-                    say_goodbye(&mut backend).await;
-                    not_moved(proxy, &mut client, &end, pinned_label(reason), reason).await;
-                    return;
-                }
-            }
-        }
-        if movable_end && mover.is_some() && downstream.can_inject() {
-            // At a message boundary but inside a transaction, or with a
-            // statement in flight: its outcome or its state cannot move.
+        {
             say_goodbye(&mut backend).await;
-            let why = "it was inside a transaction or had a statement in flight";
-            not_moved(proxy, &mut client, &end, "transaction", why).await;
-            return;
+            drop(backend);
+            let moved = carry_over(
+                proxy,
+                (session_id, &mut client),
+                m,
+                (ready, registration),
+                (&end, &downstream),
+            )
+            .await;
+            let Some(moved) = moved else {
+                return;
+            };
+            (ready, registration) = (moved.ready, moved.registration);
+            if let Some(m) = mover.as_mut() {
+                m.since = Instant::now();
+            }
+            client_pending = held;
+            continue;
         }
         end_session(
             proxy,
@@ -523,6 +482,55 @@ async fn relay_session(
         .await;
         return;
     }
+}
+
+/// A session whose route went away moves to the new primary when it can
+/// (told of any request it lost there); else it gets the error it is owed,
+/// saying why it stayed behind, and None.
+async fn carry_over(
+    proxy: &Proxy,
+    (session_id, client): (u64, &mut PgStream),
+    mover: &Mover,
+    (ready, registration): (ReadyBackend, Registration),
+    (end, downstream): (&RelayEnd, &Downstream),
+) -> Option<Moved> {
+    let (label, why) = match (continuation(&registration.status), mover.memory.pinned) {
+        (Ok(next), None) => {
+            drop(registration);
+            let cause = MoveCause {
+                ended_by_node: downstream.held_error.is_some(),
+                transaction_lost: next == Continuation::AfterLostTransaction,
+            };
+            let paused = Instant::now();
+            match move_session(proxy, session_id, mover, ready, cause).await {
+                Ok(moved) => {
+                    let node = moved.ready.node.name.as_str();
+                    proxy.metrics.sessions_moved.inc();
+                    proxy.sessions.note_moved(node, paused.elapsed());
+                    info!(%node, ?next, "session moved to the new primary");
+                    let mut owed = BytesMut::new();
+                    tell_the_loss(&mut owed, next, node);
+                    owed.extend_from_slice(&moved.notices);
+                    if !owed.is_empty() && client.write_all(&owed).await.is_err() {
+                        return None;
+                    }
+                    return Some(moved);
+                }
+                Err(NotMoved::EndedByNode) => {
+                    if let Some(error) = &downstream.held_error {
+                        let _ = client.write_all(error).await;
+                        let _ = client.flush().await;
+                    }
+                    return None;
+                }
+                Err(NotMoved::Failed(why)) => ("move_failed", why),
+            }
+        }
+        (_, Some(reason)) => (pinned_label(reason), reason.to_owned()),
+        (Err(label), None) => (label, unmovable_reason(label).to_owned()),
+    };
+    not_moved(proxy, client, end, label, &why).await;
+    None
 }
 
 /// One relay between the client and `ready`'s node until either ends or
@@ -566,18 +574,73 @@ async fn relay_once(
     .await
 }
 
-/// What the client of a statement lost with its node gets: an error (not
-/// FATAL: the connection stays) and ReadyForQuery, outside a transaction.
-fn outcome_unknown(out: &mut BytesMut, node: &str) {
-    ProxyError::error(
-        sqlstate::CONNECTION_FAILURE,
-        "the primary went away while this statement ran: its outcome is unknown",
-    )
-    .with_detail(format!(
+/// How a session whose route went away goes on, if it can.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Continuation {
+    /// Between transactions with nothing in flight: it just moves.
+    Idle,
+    /// One request outside a transaction block was in flight: its outcome
+    /// is unknown, so it fails, and the session moves on.
+    AfterLostStatement,
+    /// One request inside a transaction block was in flight: the
+    /// transaction is lost with it. The session moves into a failed
+    /// transaction block, as after any error inside one, and goes on
+    /// after the client's ROLLBACK.
+    AfterLostTransaction,
+}
+
+/// Where a session stands when its route goes away, read from what its
+/// relay tracked; the error is a metric label saying why it cannot move.
+fn continuation(status: &SessionStatus) -> Result<Continuation, &'static str> {
+    let in_transaction = status.get() != TransactionStatus::Idle.as_byte();
+    if status.request_open() {
+        // Part of a request reached the old node: the rest cannot follow.
+        return Err("request_in_flight");
+    }
+    match (status.in_flight(), in_transaction) {
+        (0, false) => Ok(Continuation::Idle),
+        // Idle inside a transaction block: the client has not been told
+        // of anything failing, and a COMMIT it sends next would be
+        // answered ROLLBACK without an error. It gets the error now.
+        (0, true) => Err("transaction"),
+        (1, false) => Ok(Continuation::AfterLostStatement),
+        (1, true) => Ok(Continuation::AfterLostTransaction),
+        _ => Err("requests_in_flight"),
+    }
+}
+
+/// The DETAIL for a session that cannot move, per `continuation` label.
+fn unmovable_reason(label: &str) -> &'static str {
+    match label {
+        "transaction" => "it was inside a transaction block",
+        "request_in_flight" => "part of a request had reached the old primary",
+        _ => "several pipelined requests were in flight",
+    }
+}
+
+/// What the client of a request lost with its primary gets: an error (not
+/// FATAL: the connection stays) and ReadyForQuery, failed when the
+/// request was inside a transaction block (the node is in one too).
+fn tell_the_loss(out: &mut BytesMut, next: Continuation, node: &str) {
+    let (message, ready) = match next {
+        Continuation::Idle => return,
+        Continuation::AfterLostStatement => (
+            "the primary went away while this statement ran: its outcome is unknown",
+            READY_IDLE,
+        ),
+        Continuation::AfterLostTransaction => (
+            "the primary went away while this statement ran: its outcome is unknown, and the transaction is lost",
+            READY_FAILED,
+        ),
+    };
+    let mut error = ProxyError::error(sqlstate::CONNECTION_FAILURE, message).with_detail(format!(
         "pgfailover moved the session to {node}; the connection stays open and the next statement runs there"
-    ))
-    .encode(out);
-    out.extend_from_slice(&READY_IDLE);
+    ));
+    if next == Continuation::AfterLostTransaction {
+        error = error.with_hint("ROLLBACK, then run the transaction again.");
+    }
+    error.encode(out);
+    out.extend_from_slice(&ready);
 }
 
 /// A session that could have moved but did not: it gets the error it
@@ -743,5 +806,61 @@ impl Drop for OpenSession<'_> {
         if self.counted {
             self.proxy.metrics.sessions_open.dec();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(last: u8, requests: u64, replies: u64, open: bool) -> SessionStatus {
+        let status = SessionStatus::default();
+        status.set(last);
+        status.set_requests(requests);
+        status.set_replies(replies);
+        status.set_request_open(open);
+        status
+    }
+
+    #[test]
+    fn a_session_goes_on_only_from_a_whole_request_it_can_answer_for() {
+        use Continuation::*;
+        assert_eq!(continuation(&status(b'I', 3, 3, false)), Ok(Idle));
+        assert_eq!(
+            continuation(&status(b'I', 4, 3, false)),
+            Ok(AfterLostStatement)
+        );
+        assert_eq!(
+            continuation(&status(b'T', 4, 3, false)),
+            Ok(AfterLostTransaction)
+        );
+        assert_eq!(
+            continuation(&status(b'E', 4, 3, false)),
+            Ok(AfterLostTransaction)
+        );
+        assert_eq!(continuation(&status(b'T', 3, 3, false)), Err("transaction"));
+        assert_eq!(
+            continuation(&status(b'I', 3, 3, true)),
+            Err("request_in_flight"),
+            "Parse and Bind sent, their Sync not yet"
+        );
+        assert_eq!(
+            continuation(&status(b'I', 5, 3, false)),
+            Err("requests_in_flight")
+        );
+    }
+
+    #[test]
+    fn a_lost_transaction_leaves_the_client_in_a_failed_block() {
+        let mut out = BytesMut::new();
+        tell_the_loss(&mut out, Continuation::AfterLostTransaction, "n2");
+        assert_eq!(out[0], b'E');
+        assert!(out.ends_with(&READY_FAILED));
+        let mut out = BytesMut::new();
+        tell_the_loss(&mut out, Continuation::AfterLostStatement, "n2");
+        assert!(out.ends_with(&READY_IDLE));
+        let mut out = BytesMut::new();
+        tell_the_loss(&mut out, Continuation::Idle, "n2");
+        assert!(out.is_empty());
     }
 }

@@ -22,6 +22,9 @@ pub struct SessionStatus {
     status: AtomicU8,
     requests: AtomicU64,
     replies: AtomicU64,
+    /// The client sent part of a request: a message split across reads,
+    /// or extended-protocol messages its Sync has not ended yet.
+    request_open: AtomicBool,
 }
 
 impl SessionStatus {
@@ -35,6 +38,14 @@ impl SessionStatus {
 
     pub fn set_requests(&self, n: u64) {
         self.requests.store(n, Ordering::Relaxed);
+    }
+
+    pub fn set_request_open(&self, open: bool) {
+        self.request_open.store(open, Ordering::Relaxed);
+    }
+
+    pub fn request_open(&self) -> bool {
+        self.request_open.load(Ordering::Relaxed)
     }
 
     pub fn set_replies(&self, n: u64) {

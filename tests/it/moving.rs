@@ -250,18 +250,28 @@ async fn an_idle_session_moves_through_a_kill9_failover() {
         let outcome = busy.simple_query("SELECT pg_sleep(30)").await;
         (busy, outcome)
     });
-    wait_until("the statement runs on n1", DEADLINE, || {
+    // The same inside a transaction block: the transaction is lost too,
+    // and the session waits in a failed block for the client's ROLLBACK.
+    let in_transaction = connect(&c.dsn()).await;
+    in_transaction.batch_execute("BEGIN").await.expect("BEGIN");
+    let sleeping_in_transaction = tokio::spawn(async move {
+        let outcome = in_transaction.simple_query("SELECT pg_sleep(31)").await;
+        (in_transaction, outcome)
+    });
+    wait_until("both statements run on n1", DEADLINE, || {
         c.cluster
             .primary
-            .try_psql("SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)'")
-            .is_ok_and(|n| n == "1")
+            .try_psql(
+                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(3_)'",
+            )
+            .is_ok_and(|n| n == "2")
     });
 
     let killed = Instant::now();
     c.cluster.primary.kill9();
     c.wait_for_term(2, "n2");
-    wait_until("both sessions moved", DEADLINE, || {
-        admin_metric(c.voters.admin_port("p1"), "pgfailover_sessions_moved_total") == 2
+    wait_until("the three sessions moved", DEADLINE, || {
+        admin_metric(c.voters.admin_port("p1"), "pgfailover_sessions_moved_total") == 3
     });
     let row = idle
         .query_one(
@@ -290,6 +300,37 @@ async fn an_idle_session_moves_through_a_kill9_failover() {
     );
     assert!(!busy.is_closed(), "the connection stays open");
     assert_eq!(node_of(&busy).await.expect("the next statement runs"), "n2");
+
+    let (in_transaction, outcome) = tokio::time::timeout(DEADLINE, sleeping_in_transaction)
+        .await
+        .expect("the statement's answer")
+        .expect("task");
+    let e = outcome.expect_err("its node died");
+    assert!(
+        describe(&e).contains("the transaction is lost"),
+        "{}",
+        describe(&e)
+    );
+    let e = in_transaction
+        .simple_query("SELECT 1")
+        .await
+        .expect_err("inside a failed transaction block");
+    assert_eq!(
+        e.code(),
+        Some(&tokio_postgres::error::SqlState::IN_FAILED_SQL_TRANSACTION),
+        "{}",
+        describe(&e)
+    );
+    in_transaction
+        .batch_execute("ROLLBACK")
+        .await
+        .expect("ROLLBACK ends the failed block");
+    assert_eq!(
+        node_of(&in_transaction)
+            .await
+            .expect("then the session goes on"),
+        "n2"
+    );
 }
 
 /// `pg_terminate_backend` of an idle session is an operator's decision,
