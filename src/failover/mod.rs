@@ -251,10 +251,21 @@ impl Coordinator {
     /// their moves are over (`--client-auth proxy`).
     fn report_moves(&self) {
         if let Some(tally) = self.sessions.take_settled_moves(Duration::from_secs(1)) {
-            let term = self.peers.me().record().term;
+            let term = match tally.term {
+                0 => self.peers.me().record().term,
+                moved_to => moved_to,
+            };
             let node = (!tally.to.is_empty()).then_some(tally.to.as_str());
+            let sessions = tally.describe();
+            let after = self
+                .events
+                .tell_change_of_sessions(term, tally.first_ms, &sessions)
+                .map_or_else(
+                    || format!("after the change of primary of term {term}"),
+                    |kind| format!("after the {kind} of term {term}"),
+                );
             self.events
-                .record(term, "sessions_moved", node, tally.describe());
+                .record(term, "sessions_moved", node, format!("{after}: {sessions}"));
         }
     }
 

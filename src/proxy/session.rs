@@ -506,7 +506,8 @@ async fn carry_over(
                 Ok(moved) => {
                     let node = moved.ready.node.name.as_str();
                     proxy.metrics.sessions_moved.inc();
-                    proxy.sessions.note_moved(node, paused.elapsed());
+                    let to = (node, moved.ready.term);
+                    proxy.sessions.note_moved(to, paused.elapsed());
                     info!(%node, ?next, "session moved to the new primary");
                     let mut owed = BytesMut::new();
                     tell_the_loss(&mut owed, next, node);

@@ -88,8 +88,13 @@ pub struct MoveTally {
     /// To which node, the last one seen.
     pub to: String,
     pub longest_pause: std::time::Duration,
+    /// The term of the route they moved to, the newest one seen.
+    pub term: u64,
     /// Why sessions did not move, with how many each.
     pub not_moved: std::collections::BTreeMap<String, usize>,
+    /// When the first session of the burst moved (or did not), as wall
+    /// clock milliseconds: the change of primary came before.
+    pub first_ms: u64,
     last: Option<std::time::Instant>,
 }
 
@@ -168,21 +173,28 @@ impl Sessions {
         counts
     }
 
-    /// Counts one session that moved to `to` after `pause`.
-    pub fn note_moved(&self, to: &str, pause: std::time::Duration) {
-        let mut moves = self.moves.lock().unwrap_or_else(|e| e.into_inner());
-        let tally = moves.get_or_insert_with(MoveTally::default);
-        tally.moved += 1;
-        tally.to = to.to_owned();
-        tally.longest_pause = tally.longest_pause.max(pause);
-        tally.last = Some(std::time::Instant::now());
+    /// Counts one session that moved to `to` (in `term`) after `pause`.
+    pub fn note_moved(&self, (to, term): (&str, u64), pause: std::time::Duration) {
+        self.tally(|tally| {
+            tally.moved += 1;
+            tally.to = to.to_owned();
+            tally.term = tally.term.max(term);
+            tally.longest_pause = tally.longest_pause.max(pause);
+        });
     }
 
     /// Counts one session that could not move, and why.
     pub fn note_not_moved(&self, why: &str) {
+        self.tally(|tally| *tally.not_moved.entry(why.to_owned()).or_default() += 1);
+    }
+
+    fn tally(&self, count: impl FnOnce(&mut MoveTally)) {
         let mut moves = self.moves.lock().unwrap_or_else(|e| e.into_inner());
-        let tally = moves.get_or_insert_with(MoveTally::default);
-        *tally.not_moved.entry(why.to_owned()).or_default() += 1;
+        let tally = moves.get_or_insert_with(|| MoveTally {
+            first_ms: crate::events::now_ms(),
+            ..MoveTally::default()
+        });
+        count(tally);
         tally.last = Some(std::time::Instant::now());
     }
 

@@ -230,6 +230,21 @@ async fn an_idle_session_moves_through_a_switchover_with_its_state() {
     println!("{report}");
     assert!(report.contains("sessions moved to n2"), "{report}");
     assert!(report.contains("1 a temporary table"), "{report}");
+    assert!(
+        report.starts_with("after the switchover of term"),
+        "{report}"
+    );
+    // The switchover's own event says it too.
+    let switchover = c
+        .proxy_events()
+        .iter()
+        .find(|e| e["kind"] == "switchover")
+        .and_then(|e| e["detail"].as_str().map(str::to_owned))
+        .unwrap_or_default();
+    assert!(
+        switchover.contains("; sessions: ") && switchover.contains("1 a temporary table"),
+        "{switchover}"
+    );
 }
 
 /// kill -9 of the primary: an idle session waits for the failover like a
