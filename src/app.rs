@@ -21,7 +21,7 @@ use crate::failover::{Coordinator, LeaseKeeper};
 use crate::logging::LogControl;
 use crate::metrics::Metrics;
 use crate::monitor;
-use crate::proxy::{Proxy, SessionLimits, Sessions};
+use crate::proxy::{Proxy, SessionLimits, Sessions, keep_pool_on_route};
 use crate::topology::TopologyStore;
 
 /// What every member runs: a monitor of the nodes and a voter.
@@ -218,6 +218,7 @@ pub async fn run_proxy(config: ProxyConfig, reload: Reload) -> anyhow::Result<()
     let sessions = TaskTracker::new();
     let accept =
         tokio::spawn(Arc::clone(&proxy).accept_loop(listener, accepting.clone(), sessions.clone()));
+    tokio::spawn(keep_pool_on_route(Arc::clone(&proxy), accepting.clone()));
 
     loop {
         tokio::select! {

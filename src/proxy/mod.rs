@@ -11,6 +11,7 @@ mod memory;
 mod moving;
 mod node_login;
 mod pool;
+mod pooling;
 mod relay;
 mod relay_buf;
 mod route;
@@ -31,6 +32,7 @@ use tracing::{error, warn};
 
 pub use cancel_map::CancelMap;
 pub use error::SessionError;
+pub use pooling::follow_the_route as keep_pool_on_route;
 use session::Admission;
 pub use sessions::{NodeSessions, Sessions};
 pub use tls::{backend_connector as backend_tls_connector, load_acceptor as load_tls_acceptor};

@@ -16,7 +16,9 @@ use tokio::time::Instant;
 
 use super::control_query::exchange;
 use super::tls::PgStream;
+use crate::auth::Credentials;
 use crate::protocol::cancel::CancelKey;
+use crate::protocol::startup::StartupMessage;
 
 /// How long a kept connection may wait for a client before it is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -50,10 +52,21 @@ impl Pooled {
     }
 }
 
+/// How to log in again with a startup packet: the last client's, kept
+/// (the credentials are what its session held already) so the pool can
+/// be refilled on a new primary.
+#[derive(Clone)]
+pub struct Relogin {
+    pub startup: StartupMessage,
+    pub credentials: Credentials,
+}
+
 pub struct ServerPool {
     /// Kept connections per key; at most this many each.
     per_key: usize,
     kept: Mutex<HashMap<PoolKey, Vec<Pooled>>>,
+    /// Per startup packet with kept connections.
+    logins: Mutex<HashMap<Bytes, Relogin>>,
 }
 
 impl ServerPool {
@@ -61,7 +74,41 @@ impl ServerPool {
         Self {
             per_key,
             kept: Mutex::new(HashMap::new()),
+            logins: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Remembers how `relogin`'s startup logs in, for `change_route`.
+    pub fn remember_login(&self, relogin: Relogin) {
+        let mut logins = self.logins.lock().unwrap_or_else(|e| e.into_inner());
+        logins.insert(relogin.startup.raw.clone(), relogin);
+    }
+
+    /// The route changed to `node` in `term`: removes every connection
+    /// kept on another route (the caller says goodbye to them), and says
+    /// how many to open again on the new one per startup (no more than
+    /// were kept, within the cap).
+    pub fn change_route(&self, term: u64, node: &str) -> (Vec<Pooled>, Vec<(Relogin, usize)>) {
+        let mut stale = Vec::new();
+        let mut wanted: HashMap<Bytes, usize> = HashMap::new();
+        let mut kept = self.lock();
+        kept.retain(|key, list| {
+            if key.term == term && key.node == node {
+                return true;
+            }
+            *wanted.entry(key.startup.clone()).or_default() += list.len();
+            stale.append(list);
+            false
+        });
+        let mut logins = self.logins.lock().unwrap_or_else(|e| e.into_inner());
+        logins.retain(|startup, _| {
+            wanted.contains_key(startup) || kept.keys().any(|k| k.startup == *startup)
+        });
+        let refill = wanted
+            .into_iter()
+            .filter_map(|(startup, n)| Some((logins.get(&startup)?.clone(), n.min(self.per_key))))
+            .collect();
+        (stale, refill)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, Vec<Pooled>>> {
@@ -112,6 +159,9 @@ impl ServerPool {
             *list = fresh;
             !list.is_empty()
         });
+        // A client's credentials are kept no longer than its connections.
+        let mut logins = self.logins.lock().unwrap_or_else(|e| e.into_inner());
+        logins.retain(|startup, _| kept.keys().any(|k| k.startup == *startup));
         stale
     }
 
@@ -164,9 +214,63 @@ pub async fn reset(stream: &mut PgStream, limit: Duration) -> Result<(), String>
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    fn key(node: &str, term: u64, startup: &'static [u8]) -> PoolKey {
+        PoolKey {
+            node: node.into(),
+            term,
+            startup: Bytes::from_static(startup),
+        }
+    }
+
+    fn kept() -> Pooled {
+        let backend_key = CancelKey {
+            pid: 1,
+            secret: Box::new([0; 4]),
+        };
+        Pooled::new(PgStream::Gone, BytesMut::new(), backend_key)
+    }
+
+    fn relogin(startup: &'static [u8]) -> Relogin {
+        Relogin {
+            startup: StartupMessage {
+                version: 196_608,
+                params: vec![("user".into(), "app".into())],
+                raw: Bytes::from_static(startup),
+            },
+            credentials: Credentials::Trust,
+        }
+    }
+
+    #[test]
+    fn a_change_of_route_closes_the_old_and_asks_for_as_many_within_the_cap() {
+        let pool = ServerPool::new(2);
+        for _ in 0..2 {
+            assert!(pool.put(key("n1", 1, b"a"), kept()).is_ok());
+        }
+        assert!(pool.put(key("n1", 1, b"a"), kept()).is_err(), "capped");
+        assert!(pool.put(key("n1", 1, b"b"), kept()).is_ok());
+        assert!(pool.put(key("n1", 1, b"c"), kept()).is_ok());
+        pool.remember_login(relogin(b"a"));
+        pool.remember_login(relogin(b"b"));
+        // "c" has no login kept (its last client left none): not refilled.
+        let (stale, mut wanted) = pool.change_route(2, "n2");
+        assert_eq!(stale.len(), 4);
+        wanted.sort_by(|x, y| x.0.startup.raw.cmp(&y.0.startup.raw));
+        let wanted: Vec<(&[u8], usize)> = wanted
+            .iter()
+            .map(|(r, n)| (&r.startup.raw[..], *n))
+            .collect();
+        assert_eq!(wanted, [(&b"a"[..], 2), (&b"b"[..], 1)]);
+        assert!(pool.count_by_node().is_empty());
+        let (stale, wanted) = pool.change_route(2, "n2");
+        assert!(stale.is_empty() && wanted.is_empty(), "nothing twice");
+    }
+
     #[test]
     fn discard_all_is_one_well_formed_query() {
-        let query = super::DISCARD_ALL;
+        let query = DISCARD_ALL;
         let len = u32::from_be_bytes([query[1], query[2], query[3], query[4]]) as usize;
         assert_eq!(len + 1, query.len());
     }

@@ -10,7 +10,7 @@ use tokio::time::{Instant, timeout};
 use tracing::{Instrument, Span, debug, field, info, info_span, warn};
 
 use super::backend::{BackendConn, ReadyBackend};
-use super::cancel_map::{CancelTarget, send_cancel};
+use super::cancel_map::send_cancel;
 use super::client::ClientConn;
 use super::client_auth::authenticate_client;
 use super::error::SessionError;
@@ -18,7 +18,8 @@ use super::handshake::{ClientRequest, negotiate};
 use super::memory::SessionMemory;
 use super::moving::{MoveCause, Moved, Mover, NotMoved, move_session};
 use super::node_login::NodeLogin;
-use super::pool::{self, PoolKey, Pooled};
+use super::pool::Relogin;
+use super::pooling::{Released, release_to_pool, reuse_pooled};
 use super::relay::{Downstream, RelayEnd, RelayState, relay};
 use super::route::{connect_writable, route_gone};
 use super::sessions::{Registration, SessionStatus};
@@ -26,7 +27,6 @@ use super::tls::PgStream;
 use super::{Proxy, SessionLimits};
 use crate::auth::scram::ServerBinding;
 use crate::auth::{AuthSource, Credentials};
-use crate::config::NodeSpec;
 use crate::protocol::TransactionStatus;
 use crate::protocol::error_response::{ProxyError, sqlstate};
 use crate::protocol::startup::StartupMessage;
@@ -195,148 +195,6 @@ async fn authenticate_at_proxy(
     result
 }
 
-/// A kept server connection for this client, when the routed primary has
-/// one for the same startup packet: the client gets the node's login
-/// ParameterStatus, its own cancel key and ReadyForQuery, and no fork.
-async fn reuse_pooled(
-    proxy: &Proxy,
-    session_id: u64,
-    client: &mut ClientConn,
-    startup: &StartupMessage,
-) -> Result<Option<(ReadyBackend, Registration)>, SessionError> {
-    let Some(pool) = &proxy.pool else {
-        return Ok(None);
-    };
-    let topology = proxy.topology.load();
-    close_all(pool.evict_stale(topology.term, Instant::now()));
-    let Some(node) = topology.writable().cloned() else {
-        return Ok(None);
-    };
-    if !proxy.topology.lease.allows() {
-        return Ok(None);
-    }
-    let key = PoolKey {
-        node: node.name.clone(),
-        term: topology.term,
-        startup: startup.raw.clone(),
-    };
-    let pooled = loop {
-        let Some(pooled) = pool.take(&key) else {
-            return Ok(None);
-        };
-        if pool::is_quiet(&pooled.stream) {
-            break pooled;
-        }
-        close_all(vec![pooled]);
-    };
-    publish_pool_sizes(proxy, pool);
-    let registration = proxy.sessions.register(session_id, &node.name);
-    if !proxy
-        .topology
-        .load()
-        .routes_new_sessions(key.term, &node.name)
-    {
-        // A switchover began meanwhile: route like any new session.
-        close_all(vec![pooled]);
-        return Ok(None);
-    }
-    let cancel = proxy.cancel_map.register(CancelTarget {
-        node: node.name.clone(),
-        address: node.address(),
-        backend_key: pooled.backend_key.clone(),
-    });
-    let mut greeting = pooled.parameters.clone();
-    greeting.extend_from_slice(&cancel.key().backend_key_data());
-    greeting.extend_from_slice(&READY_IDLE);
-    client.write(&greeting).await?;
-    proxy.metrics.pool_reused.inc();
-    Span::current().record("node", node.name.as_str());
-    debug!("reusing a pooled server connection");
-    let ready = ReadyBackend {
-        node,
-        term: key.term,
-        stream: pooled.stream,
-        pending: BytesMut::new(),
-        status: TransactionStatus::Idle,
-        cancel: Some(cancel),
-        parameters: pooled.parameters,
-        reuse_key: Some(key.startup),
-    };
-    Ok(Some((ready, registration)))
-}
-
-/// Says goodbye to server connections leaving the pool, in the background.
-fn close_all(stale: Vec<Pooled>) {
-    if stale.is_empty() {
-        return;
-    }
-    tokio::spawn(async move {
-        for mut pooled in stale {
-            say_goodbye(&mut pooled.stream).await;
-        }
-    });
-}
-
-/// What `release_to_pool` needs of a finished session's `ReadyBackend`.
-struct Released<'a> {
-    node: &'a NodeSpec,
-    term: u64,
-    reuse_key: Option<bytes::Bytes>,
-    cancel: Option<&'a super::cancel_map::CancelRegistration>,
-    parameters: BytesMut,
-}
-
-/// The client left between transactions: its server connection is reset
-/// and kept for the next client with the same startup, or closed.
-async fn release_to_pool(proxy: &Proxy, mut backend: PgStream, ready: Released<'_>, whole: bool) {
-    let (Some(pool), Some(startup), Some(cancel)) = (&proxy.pool, ready.reuse_key, ready.cancel)
-    else {
-        say_goodbye(&mut backend).await;
-        return;
-    };
-    if !whole
-        || !proxy
-            .topology
-            .load()
-            .still_routes(ready.term, &ready.node.name)
-    {
-        say_goodbye(&mut backend).await;
-        return;
-    }
-    if let Err(e) = pool::reset(&mut backend, proxy.limits().connect_timeout).await {
-        debug!(error = %e, "server connection not reusable");
-        say_goodbye(&mut backend).await;
-        return;
-    }
-    let key = PoolKey {
-        node: ready.node.name.clone(),
-        term: ready.term,
-        startup,
-    };
-    let pooled = Pooled::new(
-        backend,
-        ready.parameters,
-        cancel.target().backend_key.clone(),
-    );
-    if let Err(mut full) = pool.put(key, pooled) {
-        say_goodbye(&mut full.stream).await;
-    }
-    publish_pool_sizes(proxy, pool);
-}
-
-/// Sets the pooled-connections gauge of every node.
-fn publish_pool_sizes(proxy: &Proxy, pool: &pool::ServerPool) {
-    let counts = pool.count_by_node();
-    for node in &proxy.config.nodes {
-        let kept = counts.get(&node.name).copied().unwrap_or(0);
-        proxy
-            .metrics
-            .pooled
-            .with_label_values(&[node.name.as_str()])
-            .set(kept as i64);
-    }
-}
-
 /// Routes the session and sends its startup until a node answers. A node
 /// that stops being the routed primary before answering (frozen,
 /// partitioned, failed over) is abandoned for the next one: nothing has
@@ -474,7 +332,7 @@ async fn relay_session(
         }
         end_session(
             proxy,
-            &mut client,
+            (&mut client, mover.as_ref()),
             backend,
             ready,
             (end, &downstream, status),
@@ -681,7 +539,7 @@ fn pinned_label(reason: &str) -> &'static str {
 /// How a session that does not move ends, per `RelayEnd`.
 async fn end_session(
     proxy: &Proxy,
-    client: &mut PgStream,
+    (client, mover): (&mut PgStream, Option<&Mover>),
     mut backend: PgStream,
     ready: ReadyBackend,
     (end, downstream, status): (RelayEnd, &Downstream, &SessionStatus),
@@ -702,6 +560,10 @@ async fn end_session(
                 reuse_key: ready.reuse_key,
                 cancel: ready.cancel.as_ref(),
                 parameters: ready.parameters,
+                relogin: mover.map(|m| Relogin {
+                    startup: m.startup.clone(),
+                    credentials: m.credentials.clone(),
+                }),
             };
             release_to_pool(proxy, backend, released, whole).await;
             return;
@@ -762,7 +624,7 @@ fn lease_ran_out(
 /// Sends the node a Terminate (flushed: over TLS it would otherwise sit
 /// in the record buffer), so its backend ends now rather than at its
 /// next read.
-async fn say_goodbye(backend: &mut super::tls::PgStream) {
+pub(super) async fn say_goodbye(backend: &mut super::tls::PgStream) {
     if backend.write_all(&TERMINATE).await.is_ok() {
         let _ = backend.flush().await;
     }

@@ -18,7 +18,7 @@ use crate::harness::{
 use crate::util::{connect, describe};
 
 /// Runs `pgfailover switchover --to NODE` against the proxy of `c`.
-fn switchover_to(c: &AgentCluster, node: &str) {
+pub(crate) fn switchover_to(c: &AgentCluster, node: &str) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgfailover"))
         .args([
             "switchover",

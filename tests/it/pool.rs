@@ -4,8 +4,10 @@
 //! connect-heavy application stops paying a PostgreSQL fork per session.
 
 use crate::harness::{
-    APP_DB, DEADLINE, ProxiedCluster, SCRAM_USER, admin_get, admin_metric, free_port, wait_until,
+    APP_DB, AgentCluster, DEADLINE, ProxiedCluster, SCRAM_USER, admin_get, admin_metric, free_port,
+    wait_until,
 };
+use crate::moving::switchover_to;
 use crate::util::connect;
 
 struct Pooled {
@@ -144,4 +146,52 @@ async fn a_session_left_inside_a_transaction_is_not_reused() {
         .expect("query");
     assert_ne!(row.get::<_, i32>(0), in_tx, "not the abandoned backend");
     assert_eq!(row.get::<_, i64>(1), 0, "the open transaction rolled back");
+}
+
+/// At a change of primary the pool follows the route: what was kept on
+/// the old primary is closed, and as many connections are opened on the
+/// new one, logged in as their last clients, so a client that comes back
+/// after the switchover finds one instead of forking a backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pool_follows_a_switchover_to_the_new_primary() {
+    let c = AgentCluster::start_with(&["--client-auth", "proxy"]);
+    let pooled = |node: &str| {
+        admin_metric(
+            c.proxy_admin(),
+            &format!("pgfailover_pooled_server_connections{{node=\"{node}\"}}"),
+        )
+    };
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let client = connect(&c.dsn()).await;
+        client.batch_execute("SELECT 1").await.expect("query");
+        clients.push(client);
+    }
+    drop(clients);
+    wait_until("three connections kept on n1", DEADLINE, || {
+        pooled("n1") == 3
+    });
+
+    switchover_to(&c, "n2");
+    wait_until("the pool moved to n2", DEADLINE, || {
+        pooled("n1") == 0 && pooled("n2") == 3
+    });
+    let reused = || {
+        admin_metric(
+            c.proxy_admin(),
+            "pgfailover_server_connections_reused_total",
+        )
+    };
+    assert_eq!(reused(), 0);
+    let client = connect(&c.dsn()).await;
+    let row = client
+        .query_one(
+            "SELECT current_setting('cluster_name'), current_user::text",
+            &[],
+        )
+        .await
+        .expect("a session on the new primary");
+    assert_eq!(row.get::<_, String>(0), "n2");
+    assert_eq!(row.get::<_, String>(1), SCRAM_USER.name);
+    assert_eq!(reused(), 1, "it got a connection opened ahead of it");
 }
