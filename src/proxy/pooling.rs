@@ -6,7 +6,8 @@
 //! handed out again, and they hold backends on a node being demoted or
 //! fenced) and as many are opened on the new primary per startup as were
 //! kept, logging in as their last client did, one at a time and within
-//! the pacing of moving sessions, so clients that come back find them.
+//! the login turns of moving sessions, so clients that come back find
+//! them.
 
 use std::sync::Arc;
 
@@ -227,9 +228,10 @@ fn writable_route(proxy: &Proxy) -> Option<(u64, String)> {
     Some((topology.term, node.name.clone()))
 }
 
-/// Opens `wanted` connections on `route`, one at a time, each waiting its
-/// turn with the moving sessions (which come first: a client waits for
-/// those). Stops when the route changes again. Returns how many it kept.
+/// Opens `wanted` connections on `route`, one at a time, each taking one
+/// of the login turns moving sessions share (so it adds at most one fork
+/// at a time to their burst). Stops when the route changes again.
+/// Returns how many it kept.
 async fn refill(
     proxy: &Proxy,
     pool: &ServerPool,
