@@ -438,9 +438,10 @@ async fn relay_once(
 enum Continuation {
     /// Between transactions with nothing in flight: it just moves.
     Idle,
-    /// One request outside a transaction block was in flight: its outcome
-    /// is unknown, so it fails, and the session moves on.
-    AfterLostStatement,
+    /// Requests outside a transaction block were in flight (one, or
+    /// several pipelined): their outcome is unknown, so each fails, and
+    /// the session moves on.
+    AfterLostStatements(u64),
     /// One request inside a transaction block was in flight: the
     /// transaction is lost with it. The session moves into a failed
     /// transaction block, as after any error inside one, and goes on
@@ -462,8 +463,11 @@ fn continuation(status: &SessionStatus) -> Result<Continuation, &'static str> {
         // of anything failing, and a COMMIT it sends next would be
         // answered ROLLBACK without an error. It gets the error now.
         (0, true) => Err("transaction"),
-        (1, false) => Ok(Continuation::AfterLostStatement),
+        (n, false) => Ok(Continuation::AfterLostStatements(n)),
         (1, true) => Ok(Continuation::AfterLostTransaction),
+        // What PostgreSQL answers after the first (25P02 each, or a new
+        // start after a ROLLBACK among them) depends on requests whose
+        // bytes went to the old node only.
         _ => Err("requests_in_flight"),
     }
 }
@@ -473,23 +477,26 @@ fn unmovable_reason(label: &str) -> &'static str {
     match label {
         "transaction" => "it was inside a transaction block",
         "request_in_flight" => "part of a request had reached the old primary",
-        _ => "several pipelined requests were in flight",
+        _ => "several pipelined requests were in flight inside a transaction block",
     }
 }
 
-/// What the client of a request lost with its primary gets: an error (not
-/// FATAL: the connection stays) and ReadyForQuery, failed when the
-/// request was inside a transaction block (the node is in one too).
+/// What the client of a request lost with its primary gets, per request:
+/// an error (not FATAL: the connection stays) and ReadyForQuery, failed
+/// when the request was inside a transaction block (the node is in one
+/// too).
 fn tell_the_loss(out: &mut BytesMut, next: Continuation, node: &str) {
-    let (message, ready) = match next {
+    let (message, ready, lost) = match next {
         Continuation::Idle => return,
-        Continuation::AfterLostStatement => (
+        Continuation::AfterLostStatements(n) => (
             "the primary went away while this statement ran: its outcome is unknown",
             READY_IDLE,
+            n,
         ),
         Continuation::AfterLostTransaction => (
             "the primary went away while this statement ran: its outcome is unknown, and the transaction is lost",
             READY_FAILED,
+            1,
         ),
     };
     let mut error = ProxyError::error(sqlstate::CONNECTION_FAILURE, message).with_detail(format!(
@@ -498,8 +505,10 @@ fn tell_the_loss(out: &mut BytesMut, next: Continuation, node: &str) {
     if next == Continuation::AfterLostTransaction {
         error = error.with_hint("ROLLBACK, then run the transaction again.");
     }
-    error.encode(out);
-    out.extend_from_slice(&ready);
+    for _ in 0..lost {
+        error.encode(out);
+        out.extend_from_slice(&ready);
+    }
 }
 
 /// A session that could have moved but did not: it gets the error it
@@ -691,7 +700,12 @@ mod tests {
         assert_eq!(continuation(&status(b'I', 3, 3, false)), Ok(Idle));
         assert_eq!(
             continuation(&status(b'I', 4, 3, false)),
-            Ok(AfterLostStatement)
+            Ok(AfterLostStatements(1))
+        );
+        assert_eq!(
+            continuation(&status(b'I', 6, 3, false)),
+            Ok(AfterLostStatements(3)),
+            "pipelined, each its own implicit transaction"
         );
         assert_eq!(
             continuation(&status(b'T', 4, 3, false)),
@@ -708,7 +722,7 @@ mod tests {
             "Parse and Bind sent, their Sync not yet"
         );
         assert_eq!(
-            continuation(&status(b'I', 5, 3, false)),
+            continuation(&status(b'T', 5, 3, false)),
             Err("requests_in_flight")
         );
     }
@@ -720,8 +734,13 @@ mod tests {
         assert_eq!(out[0], b'E');
         assert!(out.ends_with(&READY_FAILED));
         let mut out = BytesMut::new();
-        tell_the_loss(&mut out, Continuation::AfterLostStatement, "n2");
+        tell_the_loss(&mut out, Continuation::AfterLostStatements(2), "n2");
         assert!(out.ends_with(&READY_IDLE));
+        let ready_count = out
+            .windows(READY_IDLE.len())
+            .filter(|w| *w == READY_IDLE)
+            .count();
+        assert_eq!(ready_count, 2, "one answer per lost request");
         let mut out = BytesMut::new();
         tell_the_loss(&mut out, Continuation::Idle, "n2");
         assert!(out.is_empty());

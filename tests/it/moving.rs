@@ -258,12 +258,16 @@ async fn an_idle_session_moves_through_a_kill9_failover() {
         .await
         .expect("SET");
     assert_eq!(node_of(&idle).await.expect("node"), "n1");
-    // A statement running when the primary dies: its outcome is unknown,
-    // so it fails, but its connection stays.
+    // A statement running when the primary dies, and one pipelined after
+    // it: their outcome is unknown, so they fail, but the connection
+    // stays.
     let busy = connect(&c.dsn()).await;
     let sleeping = tokio::spawn(async move {
-        let outcome = busy.simple_query("SELECT pg_sleep(30)").await;
-        (busy, outcome)
+        let (outcome, pipelined) = tokio::join!(
+            busy.simple_query("SELECT pg_sleep(30)"),
+            busy.simple_query("SELECT 2")
+        );
+        (busy, [outcome, pipelined])
     });
     // The same inside a transaction block: the transaction is lost too,
     // and the session waits in a failed block for the client's ROLLBACK.
@@ -303,16 +307,18 @@ async fn an_idle_session_moves_through_a_kill9_failover() {
     );
     assert!(killed.elapsed() < Duration::from_secs(60));
 
-    let (busy, outcome) = tokio::time::timeout(DEADLINE, sleeping)
+    let (busy, outcomes) = tokio::time::timeout(DEADLINE, sleeping)
         .await
-        .expect("the statement's answer")
+        .expect("the statements' answers")
         .expect("task");
-    let e = outcome.expect_err("its node died");
-    assert!(
-        describe(&e).contains("outcome is unknown"),
-        "{}",
-        describe(&e)
-    );
+    for outcome in outcomes {
+        let e = outcome.expect_err("its node died");
+        assert!(
+            describe(&e).contains("outcome is unknown"),
+            "{}",
+            describe(&e)
+        );
+    }
     assert!(!busy.is_closed(), "the connection stays open");
     assert_eq!(node_of(&busy).await.expect("the next statement runs"), "n2");
 
