@@ -59,10 +59,16 @@ struct PythonSession {
 
 impl PythonSession {
     fn start(name: &'static str, dsn: &str) -> Self {
-        let script = format!("{}/tests/drivers/{name}.py", env!("CARGO_MANIFEST_DIR"));
+        Self::start_with(name, &[dsn])
+    }
+
+    /// `tests/drivers/{script}.py ARGS...`, named after its first word.
+    fn start_with(name: &'static str, args: &[&str]) -> Self {
+        let script = name.split(' ').next().unwrap_or(name);
+        let script = format!("{}/tests/drivers/{script}.py", env!("CARGO_MANIFEST_DIR"));
         let mut child = Command::new(python3())
             .arg(script)
-            .arg(dsn)
+            .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -105,6 +111,14 @@ impl Drop for PythonSession {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The proxy at `port` as a URL, which is all asyncpg reads.
+fn proxy_url(port: u16) -> String {
+    format!(
+        "postgresql://{}:{}@127.0.0.1:{port}/{APP_DB}",
+        SCRAM_USER.name, SCRAM_USER.password
+    )
 }
 
 /// A connection whose end (the error the server closed it with) the test
@@ -151,14 +165,7 @@ async fn an_idle_session_moves_through_a_switchover_with_its_state() {
         .await
         .expect("open transaction");
     let psycopg2 = PythonSession::start("survive_psycopg2", &c.dsn());
-    // asyncpg reads URLs only.
-    let url = format!(
-        "postgresql://{}:{}@127.0.0.1:{}/{APP_DB}",
-        SCRAM_USER.name,
-        SCRAM_USER.password,
-        c.proxy.port()
-    );
-    let asyncpg = PythonSession::start("survive_asyncpg", &url);
+    let asyncpg = PythonSession::start("survive_asyncpg", &proxy_url(c.proxy.port()));
 
     switchover_to(&c, "n2");
 
@@ -277,20 +284,27 @@ async fn an_idle_session_moves_through_a_kill9_failover() {
         let outcome = in_transaction.simple_query("SELECT pg_sleep(31)").await;
         (in_transaction, outcome)
     });
-    wait_until("both statements run on n1", DEADLINE, || {
+    // The same with the seed's driver and asyncpg, as applications use
+    // them: psycopg2 outside autocommit, asyncpg's transaction block.
+    let (dsn, url) = (c.dsn(), proxy_url(c.proxy.port()));
+    let python = [
+        PythonSession::start_with("lost_transaction psycopg2", &[&dsn, "psycopg2"]),
+        PythonSession::start_with("lost_transaction asyncpg", &[&url, "asyncpg"]),
+    ];
+    wait_until("the four statements run on n1", DEADLINE, || {
         c.cluster
             .primary
             .try_psql(
                 "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(3_)'",
             )
-            .is_ok_and(|n| n == "2")
+            .is_ok_and(|n| n == "4")
     });
 
     let killed = Instant::now();
     c.cluster.primary.kill9();
     c.wait_for_term(2, "n2");
-    wait_until("the three sessions moved", DEADLINE, || {
-        admin_metric(c.voters.admin_port("p1"), "pgfailover_sessions_moved_total") == 3
+    wait_until("the five sessions moved", DEADLINE, || {
+        admin_metric(c.voters.admin_port("p1"), "pgfailover_sessions_moved_total") == 5
     });
     let row = idle
         .query_one(
@@ -352,6 +366,9 @@ async fn an_idle_session_moves_through_a_kill9_failover() {
             .expect("then the session goes on"),
         "n2"
     );
+    for session in python {
+        assert_eq!(session.check(), "ok n2");
+    }
 }
 
 /// `pg_terminate_backend` of an idle session is an operator's decision,
