@@ -61,6 +61,9 @@ pub struct BoundaryTracker {
     /// Message types to count (e.g. ReadyForQuery), and how many passed.
     counted_tags: &'static [u8],
     counted: u64,
+    /// ErrorResponse messages seen (on a backend stream; on a frontend
+    /// stream the same type byte is Execute).
+    error_responses: u64,
     header: [u8; MESSAGE_HEADER_LEN],
     header_len: usize,
     /// Body bytes of the current message not yet seen.
@@ -83,6 +86,11 @@ impl BoundaryTracker {
     /// Messages seen so far whose type is one of the counted tags.
     pub fn counted(&self) -> u64 {
         self.counted
+    }
+
+    /// ErrorResponse messages seen so far (backend streams).
+    pub fn error_responses(&self) -> u64 {
+        self.error_responses
     }
 
     /// Feeds the next chunk of the stream. Fails on a length below 4,
@@ -120,6 +128,9 @@ impl BoundaryTracker {
         self.last_tag = Some(h[0]);
         if self.counted_tags.contains(&h[0]) {
             self.counted += 1;
+        }
+        if h[0] == b'E' {
+            self.error_responses += 1;
         }
         self.body_left = len as usize - 4;
         self.status_next = h[0] == b'Z' && self.body_left == 1;

@@ -4,11 +4,17 @@
 //! prepared statements) to replay them on the new primary, and *pins* the
 //! session when it holds state that cannot be moved (a temporary table, a
 //! session advisory lock, a WITH HOLD cursor, a DO block, state set inside
-//! a transaction, a statement too large to inspect). The scan reads each
+//! a transaction block whose outcome it cannot tell, a statement too large
+//! to inspect). State set inside a block counts once the block commits:
+//! its COMMIT answered with no error in between, which the relay's counts
+//! of requests, ReadyForQuery and ErrorResponse tell. The scan reads each
 //! Query, Parse and Close message where it lies in the relay's buffer;
 //! only a message split across reads is copied, up to `MAX_INSPECTED`.
 
 use bytes::Bytes;
+
+use super::sessions::{REQUEST_TAGS, SessionStatus};
+use crate::protocol::TransactionStatus;
 
 /// Largest Query or Parse message inspected; a larger one pins.
 const MAX_INSPECTED: usize = 64 * 1024;
@@ -27,7 +33,43 @@ pub enum Replay {
 pub struct SessionMemory {
     pub replay: Vec<Replay>,
     pub pinned: Option<&'static str>,
+    /// SET, RESET, LISTEN, UNLISTEN inside the open transaction block:
+    /// they join `replay` if it commits and are dropped if it does not.
+    pending: Vec<Replay>,
+    /// A COMMIT of a block with `pending` state, until its answer.
+    commit: Option<CommitWatch>,
+    /// Where the chunk being scanned stands.
+    scan: Scan,
     framer: Framer,
+}
+
+/// A COMMIT whose outcome decides `pending`: it committed when its
+/// ReadyForQuery came with no ErrorResponse since it was sent (COMMIT
+/// fails on a deferred constraint or a serialization failure).
+#[derive(Debug, Clone, Copy)]
+struct CommitWatch {
+    /// Its position among the requests of this server connection.
+    request: u64,
+    /// ErrorResponses the node had sent when it was sent.
+    errors: u64,
+}
+
+/// What is known of the session while one chunk is scanned.
+#[derive(Debug, Default, Clone, Copy)]
+struct Scan {
+    /// Inside a transaction block (the last ReadyForQuery, or a BEGIN
+    /// earlier in the chunk).
+    in_block: bool,
+    /// The block had failed at the last ReadyForQuery: what is sent in it
+    /// fails, and its COMMIT rolls back.
+    failed: bool,
+    /// Requests sent on this server connection before the chunk.
+    requests_before: u64,
+    /// Requests begun in the chunk so far.
+    requests_seen: u64,
+    /// Nothing was in flight when the chunk was sent.
+    answered: bool,
+    errors: u64,
 }
 
 /// Follows message boundaries across reads.
@@ -42,9 +84,60 @@ struct Framer {
 }
 
 impl SessionMemory {
-    /// Scans one chunk the client sent; `in_transaction`: the session was
-    /// inside a transaction block when it was sent.
-    pub fn feed(&mut self, mut chunk: &[u8], mut in_transaction: bool) {
+    /// Scans one chunk the client sent, before it goes to the node;
+    /// `status` is the session's as its relay last saw the node.
+    pub fn feed(&mut self, chunk: &[u8], status: &SessionStatus) {
+        if self.pinned.is_some() {
+            return;
+        }
+        self.settle(status);
+        let last = status.get();
+        self.scan = Scan {
+            in_block: last != TransactionStatus::Idle.as_byte(),
+            failed: last == TransactionStatus::Failed.as_byte(),
+            requests_before: status.requests(),
+            requests_seen: 0,
+            answered: status.in_flight() == 0,
+            errors: status.errors(),
+        };
+        self.frame(chunk);
+    }
+
+    /// Before the session moves: what the old connection left undecided
+    /// is decided, or pins the session.
+    pub fn settle_for_move(&mut self, status: &SessionStatus) {
+        self.settle(status);
+        if self.commit.take().is_some() {
+            self.pin("session state set inside a transaction whose COMMIT's outcome is unknown");
+        } else if status.is_idle() && !self.pending.is_empty() {
+            self.pin("session state set inside a transaction that ended unseen");
+        } else {
+            // The block, open or in flight, is lost with the connection.
+            self.pending.clear();
+        }
+    }
+
+    /// Decides `pending` once its COMMIT was answered.
+    fn settle(&mut self, status: &SessionStatus) {
+        let Some(watch) = self.commit else {
+            return;
+        };
+        if status.replies() < watch.request {
+            return;
+        }
+        self.commit = None;
+        if status.errors() == watch.errors {
+            self.replay.append(&mut self.pending);
+        } else {
+            self.pending.clear();
+        }
+    }
+
+    fn pin(&mut self, reason: &'static str) {
+        self.pinned = Some(reason);
+    }
+
+    fn frame(&mut self, mut chunk: &[u8]) {
         while !chunk.is_empty() && self.pinned.is_none() {
             let framer = &mut self.framer;
             if framer.remaining == 0 && framer.partial.is_none() {
@@ -67,17 +160,18 @@ impl SessionMemory {
                 let body = len.saturating_sub(4);
                 framer.tag = tag;
                 framer.remaining = body;
+                self.count_request(tag);
                 if !inspected(tag) {
                     continue;
                 }
                 if body > MAX_INSPECTED {
-                    self.pinned = Some("a statement too large to inspect");
+                    self.pin("a statement too large to inspect");
                     return;
                 }
                 if chunk.len() >= body {
                     let (message, rest) = chunk.split_at(body);
                     self.framer.remaining = 0;
-                    in_transaction |= self.inspect(tag, len, message, in_transaction);
+                    self.inspect(tag, len, message);
                     chunk = rest;
                 } else {
                     let mut partial = Vec::with_capacity(body);
@@ -97,63 +191,128 @@ impl SessionMemory {
                     && let Some(body) = framer.partial.take()
                 {
                     let tag = framer.tag;
-                    in_transaction |= self.inspect(tag, body.len() + 4, &body, in_transaction);
+                    self.inspect(tag, body.len() + 4, &body);
                 }
             }
         }
     }
 
-    /// Inspects one whole message; true when it opens a transaction (what
-    /// follows in the same read runs inside it).
-    fn inspect(&mut self, tag: u8, len: usize, body: &[u8], in_transaction: bool) -> bool {
+    /// Counts requests as the relay does (at their header); one sent
+    /// behind a COMMIT being watched would blur which error is whose.
+    fn count_request(&mut self, tag: u8) {
+        if !REQUEST_TAGS.contains(&tag) {
+            return;
+        }
+        self.scan.requests_seen += 1;
+        if self.commit.is_some() {
+            self.pin("session state set inside a transaction whose COMMIT had requests pipelined behind it");
+        }
+    }
+
+    /// Inspects one whole message.
+    fn inspect(&mut self, tag: u8, len: usize, body: &[u8]) {
         match tag {
-            b'Q' => return self.query(cstr(body).0, in_transaction),
-            b'P' => self.parse(len, body, in_transaction),
+            b'Q' => self.query(cstr(body).0),
+            b'P' => self.parse(len, body),
             b'C' => self.close(body),
             _ => {}
         }
-        false
     }
 
-    /// Called for every simple query: no allocation unless it sets state.
-    fn query(&mut self, sql: &str, in_transaction: bool) -> bool {
-        let (mut statements, mut begins, mut first) = (0, false, Kind::Plain);
-        let mut sets_state = false;
+    /// Called for every simple query: no allocation unless it sets state
+    /// or ends a block that did.
+    fn query(&mut self, sql: &str) {
+        let (mut statements, mut first) = (0, Kind::Plain);
+        let (mut sets_state, mut ends_block) = (false, false);
         for statement in sql.split(';').filter(|s| !strip_comments(s).is_empty()) {
             let kind = classify(statement);
             if let Kind::Pins(reason) = kind {
-                self.pinned = Some(reason);
-                return false;
+                self.pin(reason);
+                return;
             }
             if statements == 0 {
                 first = kind;
             }
             statements += 1;
-            begins |= kind == Kind::Begin;
-            sets_state |= matches!(kind, Kind::Replay | Kind::DiscardAll);
+            // What follows in the same read runs inside the block.
+            self.scan.in_block |= kind == Kind::Begin;
+            sets_state |= matches!(kind, Kind::Replay | Kind::Transactional | Kind::DiscardAll);
+            ends_block |= kind.ends_block();
         }
-        if !sets_state {
-            return begins;
+        if statements > 1 {
+            if sets_state || (ends_block && !self.pending.is_empty()) {
+                // Mixed with other work: replaying it alone would not
+                // give the same state.
+                self.pin("session state set inside a transaction");
+            }
+            return;
         }
-        if in_transaction || statements > 1 {
-            // Undone by a rollback, or mixed with other work: replaying it
-            // alone would not give the same state.
-            self.pinned = Some("session state set inside a transaction");
-            return begins;
-        }
-        match first {
-            Kind::DiscardAll => self.replay.clear(),
-            _ => self.replay.push(Replay::Query(sql.trim().to_owned())),
-        }
-        false
+        self.one_statement(first, sql);
     }
 
-    fn parse(&mut self, len: usize, body: &[u8], in_transaction: bool) {
+    /// A simple query of one statement (or a Parse of one without
+    /// parameters, counted as executed).
+    fn one_statement(&mut self, kind: Kind, sql: &str) {
+        let Scan {
+            in_block, failed, ..
+        } = self.scan;
+        match kind {
+            Kind::Commit => self.on_commit(),
+            Kind::Rollback => self.pending.clear(),
+            Kind::RollbackTo | Kind::PrepareTransaction if !self.pending.is_empty() => {
+                self.pin("session state set inside a transaction partly rolled back or prepared");
+            }
+            // Fails inside a failed block: nothing changes.
+            Kind::Transactional | Kind::Replay | Kind::DiscardAll if failed => {}
+            Kind::Transactional if in_block => {
+                self.pending.push(Replay::Query(sql.trim().to_owned()));
+            }
+            // Prepared statements are not undone by a rollback, but one
+            // prepared after a SET of the same block was planned under it.
+            Kind::Replay if !self.pending.is_empty() => {
+                self.pin("a statement prepared after session state set in the same transaction");
+            }
+            Kind::Transactional | Kind::Replay => {
+                self.replay.push(Replay::Query(sql.trim().to_owned()));
+            }
+            // Inside a block DISCARD ALL fails.
+            Kind::DiscardAll if !in_block => self.replay.clear(),
+            _ => {}
+        }
+    }
+
+    /// A COMMIT of a block that set state: watched until answered when it
+    /// is the only request in flight, so its answer is its own.
+    fn on_commit(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        if self.scan.failed {
+            // A failed block's COMMIT rolls it back.
+            self.pending.clear();
+        } else if self.scan.answered && self.scan.requests_seen == 1 {
+            self.commit = Some(CommitWatch {
+                request: self.scan.requests_before + 1,
+                errors: self.scan.errors,
+            });
+        } else {
+            self.pin("session state set inside a transaction committed behind other requests");
+        }
+    }
+
+    fn parse(&mut self, len: usize, body: &[u8]) {
         let (name, rest) = cstr(body);
         let (sql, _) = cstr(rest);
         match classify(sql) {
             Kind::Pins(reason) => {
-                self.pinned = Some(reason);
+                self.pin(reason);
+                return;
+            }
+            kind if kind.ends_block() && !self.pending.is_empty() => {
+                // Prepared now, run whenever: its outcome is not followed.
+                self.pin(
+                    "session state set inside a transaction ended through the extended protocol",
+                );
                 return;
             }
             // SET, LISTEN and the like through the extended protocol, as
@@ -162,23 +321,25 @@ impl SessionMemory {
             // prepared (drivers execute it right after; running it again
             // is idempotent) and is replayed as a simple query. With
             // parameters, the values are not followed: pinned.
-            Kind::Replay | Kind::DiscardAll if !sql.contains('$') => {
-                self.query(sql, in_transaction);
+            kind @ (Kind::Replay | Kind::Transactional | Kind::DiscardAll)
+                if !sql.contains('$') =>
+            {
+                self.one_statement(kind, sql);
                 if self.pinned.is_some() || name.is_empty() {
                     return;
                 }
             }
-            Kind::Replay | Kind::DiscardAll => {
-                self.pinned = Some("session state set through a prepared statement");
+            Kind::Replay | Kind::Transactional | Kind::DiscardAll => {
+                self.pin("session state set through a prepared statement");
                 return;
             }
-            Kind::Plain | Kind::Begin => {}
+            _ => {}
         }
-        if name.is_empty() {
+        if name.is_empty() || self.scan.failed {
             return;
         }
-        if in_transaction {
-            self.pinned = Some("a statement prepared inside a transaction");
+        if !self.pending.is_empty() {
+            self.pin("a statement prepared after session state set in the same transaction");
             return;
         }
         let mut message = Vec::with_capacity(len + 1);
@@ -218,14 +379,36 @@ fn cstr(bytes: &[u8]) -> (&str, &[u8]) {
 enum Kind {
     /// No session state.
     Plain,
-    /// Session state a replay restores.
+    /// Session state a replay restores, kept even by a rollback (PREPARE,
+    /// DEALLOCATE).
     Replay,
+    /// Session state a replay restores, undone by a rollback (SET, RESET,
+    /// LISTEN, UNLISTEN).
+    Transactional,
     /// DISCARD ALL: nothing to replay from before.
     DiscardAll,
     /// State that cannot move.
     Pins(&'static str),
     /// BEGIN or START TRANSACTION.
     Begin,
+    /// COMMIT or END (also AND CHAIN).
+    Commit,
+    /// ROLLBACK or ABORT of the whole block.
+    Rollback,
+    /// ROLLBACK TO a savepoint.
+    RollbackTo,
+    /// PREPARE TRANSACTION (two-phase commit).
+    PrepareTransaction,
+}
+
+impl Kind {
+    /// Ends or rolls back (part of) a transaction block.
+    fn ends_block(self) -> bool {
+        matches!(
+            self,
+            Self::Commit | Self::Rollback | Self::RollbackTo | Self::PrepareTransaction
+        )
+    }
 }
 
 /// A statement's word lower-cased in place of an allocation: the keywords
@@ -292,9 +475,17 @@ fn classify(statement: &str) -> Kind {
         .split(|c: char| c.is_whitespace() || c == '(')
         .filter(|w| !w.is_empty());
     let (first, second) = (Keyword::of(words.next()), Keyword::of(words.next()));
+    let third = Keyword::of(words.next());
     match (first.as_str(), second.as_str()) {
         ("set", "local" | "transaction") => Kind::Plain,
-        ("set" | "reset" | "listen" | "unlisten" | "prepare" | "deallocate", _) => Kind::Replay,
+        ("prepare", "transaction") => Kind::PrepareTransaction,
+        ("commit" | "rollback", "prepared") => Kind::Plain,
+        ("commit" | "end", _) => Kind::Commit,
+        ("rollback", "to") => Kind::RollbackTo,
+        ("rollback", "work" | "transaction") if third.as_str() == "to" => Kind::RollbackTo,
+        ("rollback" | "abort", _) => Kind::Rollback,
+        ("set" | "reset" | "listen" | "unlisten", _) => Kind::Transactional,
+        ("prepare" | "deallocate", _) => Kind::Replay,
         ("discard", "all") => Kind::DiscardAll,
         ("begin", _) | ("start", "transaction") => Kind::Begin,
         ("create", "temp" | "temporary" | "local" | "global") => Kind::Pins("a temporary table"),
@@ -310,6 +501,125 @@ fn classify(statement: &str) -> Kind {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A session whose last ReadyForQuery said `last`.
+    fn at(last: u8) -> SessionStatus {
+        let status = SessionStatus::default();
+        status.set(last);
+        status
+    }
+
+    /// Plays the relay's part around the memory: counts what is sent and
+    /// what the node answers.
+    #[derive(Default)]
+    struct Relay {
+        status: SessionStatus,
+        memory: SessionMemory,
+    }
+
+    impl Relay {
+        fn new() -> Self {
+            let relay = Self::default();
+            relay.status.set(b'I');
+            relay
+        }
+
+        fn send(&mut self, message: &[u8]) {
+            self.memory.feed(message, &self.status);
+            let mut tracker = crate::protocol::backend::BoundaryTracker::counting(REQUEST_TAGS);
+            tracker.feed(message).expect("framed");
+            let requests = self.status.requests() + tracker.counted();
+            self.status.set_requests(requests);
+        }
+
+        /// The node answers everything in flight, with `errors` errors.
+        fn answer(&self, last: u8, errors: u64) {
+            self.status.set_errors(self.status.errors() + errors);
+            self.status.set_replies(self.status.requests());
+            self.status.set(last);
+        }
+
+        fn run(&mut self, sql: &str, last: u8) {
+            self.send(&query(sql));
+            self.answer(last, 0);
+        }
+
+        fn replayed(&mut self) -> Vec<String> {
+            self.memory.settle_for_move(&self.status);
+            self.memory
+                .replay
+                .iter()
+                .map(|r| match r {
+                    Replay::Query(q) => q.clone(),
+                    Replay::Parse { name, .. } => name.clone(),
+                })
+                .collect()
+        }
+    }
+
+    #[test]
+    fn state_set_in_a_block_moves_once_the_block_committed() {
+        let mut r = Relay::new();
+        r.run("BEGIN", b'T');
+        r.run("SET search_path = app", b'T');
+        r.run("LISTEN jobs", b'T');
+        r.run("COMMIT", b'I');
+        r.run("BEGIN", b'T');
+        r.run("SET work_mem = '1MB'", b'T');
+        r.run("ROLLBACK", b'I');
+        assert_eq!(r.memory.pinned, None);
+        assert_eq!(r.replayed(), ["SET search_path = app", "LISTEN jobs"]);
+    }
+
+    #[test]
+    fn a_commit_that_failed_or_rolled_back_a_failed_block_drops_its_state() {
+        let mut r = Relay::new();
+        r.run("BEGIN", b'T');
+        r.run("SET search_path = app", b'T');
+        r.send(&query("COMMIT"));
+        r.answer(b'I', 1); // a deferred constraint failed
+        r.run("BEGIN", b'T');
+        r.run("SET work_mem = '1MB'", b'T');
+        r.send(&query("INSERT INTO t VALUES (1)"));
+        r.answer(b'E', 1);
+        r.run("SET work_mem = '2MB'", b'E'); // fails: the block failed
+        r.run("COMMIT", b'I'); // answered ROLLBACK
+        assert_eq!(r.memory.pinned, None);
+        assert!(r.replayed().is_empty());
+    }
+
+    #[test]
+    fn a_commit_whose_answer_is_not_its_own_pins() {
+        // Another request pipelined behind the COMMIT.
+        let mut r = Relay::new();
+        r.run("BEGIN", b'T');
+        r.run("SET search_path = app", b'T');
+        r.send(&query("COMMIT"));
+        r.send(&query("SELECT 1"));
+        assert!(r.memory.pinned.is_some());
+        // The COMMIT in flight when the node went away.
+        let mut r = Relay::new();
+        r.run("BEGIN", b'T');
+        r.run("SET search_path = app", b'T');
+        r.send(&query("COMMIT"));
+        r.replayed();
+        assert_eq!(
+            r.memory.pinned,
+            Some("session state set inside a transaction whose COMMIT's outcome is unknown")
+        );
+        // A savepoint rolled back.
+        let mut r = Relay::new();
+        r.run("BEGIN", b'T');
+        r.run("SET search_path = app", b'T');
+        r.run("ROLLBACK TRANSACTION TO SAVEPOINT a", b'T');
+        assert!(r.memory.pinned.is_some());
+        // A block lost with the connection: nothing of it moves.
+        let mut r = Relay::new();
+        r.run("BEGIN", b'T');
+        r.run("SET search_path = app", b'T');
+        assert!(r.replayed().is_empty());
+        assert_eq!(r.memory.pinned, None);
+    }
 
     fn query(sql: &str) -> Vec<u8> {
         let mut m = vec![b'Q'];
@@ -344,11 +654,11 @@ mod tests {
     #[test]
     fn records_what_sets_session_state_in_order() {
         let mut m = SessionMemory::default();
-        m.feed(&query("SET search_path = app"), false);
-        m.feed(&query("SELECT 1"), false);
-        m.feed(&query("LISTEN jobs"), false);
-        m.feed(&query("UPDATE t SET x = 1"), false);
-        m.feed(&query("PREPARE q AS SELECT 2"), false);
+        m.feed(&query("SET search_path = app"), &at(b'I'));
+        m.feed(&query("SELECT 1"), &at(b'I'));
+        m.feed(&query("LISTEN jobs"), &at(b'I'));
+        m.feed(&query("UPDATE t SET x = 1"), &at(b'I'));
+        m.feed(&query("PREPARE q AS SELECT 2"), &at(b'I'));
         assert_eq!(m.pinned, None);
         assert_eq!(
             m.replay,
@@ -358,7 +668,7 @@ mod tests {
                 Replay::Query("PREPARE q AS SELECT 2".into()),
             ]
         );
-        m.feed(&query("DISCARD ALL"), false);
+        m.feed(&query("DISCARD ALL"), &at(b'I'));
         assert!(m.replay.is_empty());
     }
 
@@ -369,7 +679,7 @@ mod tests {
         bytes.extend(parse("", "SELECT 3"));
         bytes.extend(parse("s2", "SELECT 4"));
         for piece in bytes.chunks(3) {
-            m.feed(piece, false);
+            m.feed(piece, &at(b'I'));
         }
         let names: Vec<&str> = m
             .replay
@@ -387,7 +697,7 @@ mod tests {
                 message: parse("s1", "SELECT $1::int").into()
             }
         );
-        m.feed(&close("s1"), false);
+        m.feed(&close("s1"), &at(b'I'));
         assert_eq!(m.replay.len(), 1);
     }
 
@@ -411,11 +721,6 @@ mod tests {
                 "a DO block may change session state",
             ),
             (
-                "SET search_path = x",
-                true,
-                "session state set inside a transaction",
-            ),
-            (
                 "SELECT 1; SET a.b = 1",
                 false,
                 "session state set inside a transaction",
@@ -428,45 +733,36 @@ mod tests {
         ];
         for (sql, in_transaction, reason) in cases {
             let mut m = SessionMemory::default();
-            m.feed(&query(sql), in_transaction);
+            m.feed(&query(sql), &at(if in_transaction { b'T' } else { b'I' }));
             assert_eq!(m.pinned, Some(reason), "{sql}");
         }
-        let mut pipelined = query("BEGIN");
-        pipelined.extend(query("SET search_path = x"));
         let mut m = SessionMemory::default();
-        m.feed(&pipelined, false);
-        assert_eq!(
-            m.pinned,
-            Some("session state set inside a transaction"),
-            "pipelined"
-        );
-        let mut m = SessionMemory::default();
-        m.feed(&query("  Set Search_Path TO app"), false);
-        m.feed(&query("SELECT pg_advisory_xact_lock(1)"), false);
-        m.feed(&query("Create TEMPORARY table x (y int)"), false);
+        m.feed(&query("  Set Search_Path TO app"), &at(b'I'));
+        m.feed(&query("SELECT pg_advisory_xact_lock(1)"), &at(b'I'));
+        m.feed(&query("Create TEMPORARY table x (y int)"), &at(b'I'));
         assert_eq!(
             m.replay,
             vec![Replay::Query("Set Search_Path TO app".into())]
         );
         assert_eq!(m.pinned, Some("a temporary table"), "case does not matter");
         let mut m = SessionMemory::default();
-        m.feed(&query("SET LOCAL work_mem = '1MB'"), true);
-        m.feed(&query("/* hi */ select 1"), true);
+        m.feed(&query("SET LOCAL work_mem = '1MB'"), &at(b'T'));
+        m.feed(&query("/* hi */ select 1"), &at(b'T'));
         assert_eq!(m.pinned, None, "transaction-scoped");
         let mut m = SessionMemory::default();
-        m.feed(&parse("", "LISTEN \"jobs\""), false);
+        m.feed(&parse("", "LISTEN \"jobs\""), &at(b'I'));
         assert_eq!(
             m.replay,
             vec![Replay::Query("LISTEN \"jobs\"".into())],
             "asyncpg's LISTEN"
         );
-        m.feed(&parse("set_path", "SET search_path = $1"), false);
+        m.feed(&parse("set_path", "SET search_path = $1"), &at(b'I'));
         assert_eq!(
             m.pinned,
             Some("session state set through a prepared statement")
         );
         let mut m = SessionMemory::default();
-        m.feed(&query(&"x".repeat(MAX_INSPECTED + 1)), false);
+        m.feed(&query(&"x".repeat(MAX_INSPECTED + 1)), &at(b'I'));
         assert_eq!(m.pinned, Some("a statement too large to inspect"));
     }
 }

@@ -250,7 +250,7 @@ impl Upstream<'_> {
             return Err(RelayEnd::LeaseExpired);
         }
         if let Some(memory) = self.memory.as_deref_mut() {
-            memory.feed(chunk, self.status.get() != b'I');
+            memory.feed(chunk, self.status);
         }
         // A malformed client message is the backend's to reject (it
         // answers 08P01 itself); the proxy just stops following.
@@ -391,6 +391,7 @@ async fn forward_down(
     if let Some(s) = state.tracker.last_status() {
         status.set(s.as_byte());
     }
+    status.set_errors(state.tracker.error_responses());
     status.set_replies(state.tracker.counted());
     count.add(chunk.len());
     state.writing = true;

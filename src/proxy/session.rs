@@ -307,11 +307,12 @@ async fn relay_session(
             RelayEnd::BackendLost(_) => true,
             _ => false,
         };
-        if let (true, Some(m)) = (movable_end, mover.as_ref())
+        if let (true, Some(m)) = (movable_end, mover.as_mut())
             && downstream.can_inject()
         {
             say_goodbye(&mut backend).await;
             drop(backend);
+            m.memory.settle_for_move(&registration.status);
             let moved = carry_over(
                 proxy,
                 (session_id, &mut client),
@@ -324,9 +325,7 @@ async fn relay_session(
                 return;
             };
             (ready, registration) = (moved.ready, moved.registration);
-            if let Some(m) = mover.as_mut() {
-                m.since = Instant::now();
-            }
+            m.since = Instant::now();
             client_pending = held;
             continue;
         }

@@ -22,6 +22,8 @@ pub struct SessionStatus {
     status: AtomicU8,
     requests: AtomicU64,
     replies: AtomicU64,
+    /// ErrorResponses the node sent (tells a COMMIT that failed).
+    errors: AtomicU64,
     /// The client sent part of a request: a message split across reads,
     /// or extended-protocol messages its Sync has not ended yet.
     request_open: AtomicBool,
@@ -46,6 +48,22 @@ impl SessionStatus {
 
     pub fn request_open(&self) -> bool {
         self.request_open.load(Ordering::Relaxed)
+    }
+
+    pub fn set_errors(&self, n: u64) {
+        self.errors.store(n, Ordering::Relaxed);
+    }
+
+    pub fn errors(&self) -> u64 {
+        self.errors.load(Ordering::Relaxed)
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    pub fn replies(&self) -> u64 {
+        self.replies.load(Ordering::Relaxed)
     }
 
     pub fn set_replies(&self, n: u64) {
