@@ -118,11 +118,11 @@ while True:
         out.write("%d %s %d\n" % (time.time() * 1000, node, i))
     except Exception as e:
         out.write("%d ERR %s\n" % (time.time() * 1000, str(e).splitlines()[0] if str(e) else type(e).__name__))
-        try:
-            conn and conn.close()
-        except Exception:
-            pass
-        conn = None
+        # A connection the proxy kept open (the statement's outcome is
+        # unknown, the session moved) is used again; a closed one reopened.
+        if conn is not None and conn.closed:
+            out.write("%d REOPEN\n" % (time.time() * 1000))
+            conn = None
         time.sleep(0.01)
     time.sleep(0.005)
 EOF
@@ -159,7 +159,7 @@ first_write_on() { awk -v n="$1" -v t="$2" '$2 == n && $1 >= t { print $1; exit 
 # max_gap FROM_MS TO_MS: longest gap between consecutive commits, from the last
 # commit before FROM_MS through the first commit after TO_MS.
 max_gap() {
-  awk -v a="$1" -v b="$2" '$2 != "ERR" {
+  awk -v a="$1" -v b="$2" '$2 != "ERR" && $2 != "REOPEN" {
       if ($1 < a) { prev = $1; next }
       if (prev != "" && $1 - prev > g) g = $1 - prev
       prev = $1
@@ -235,11 +235,12 @@ for ((i = 1; i <= REJOINS; i++)); do
 done
 read -r LOAD_END _ </proc/loadavg
 ERRORS=$(grep -c ' ERR ' "$WLOG" || true)
-COMMITS=$(grep -vc ' ERR ' "$WLOG" || true)
+REOPENS=$(grep -c ' REOPEN' "$WLOG" || true)
+COMMITS=$(grep -vc ' ERR \| REOPEN' "$WLOG" || true)
 
 # --- report -------------------------------------------------------------------
 sleep 3  # the idle clients' next statements after the last event
-$PY - "$RESULTS" "$LOAD_START" "$LOAD_END" "$COMMIT" "$ERRORS" "$COMMITS" "$ILOG" "$IDLE" "$PGFAILOVER_CLIENT_AUTH" <<'EOF'
+$PY - "$RESULTS" "$LOAD_START" "$LOAD_END" "$COMMIT" "$ERRORS" "$COMMITS" "$ILOG" "$IDLE" "$PGFAILOVER_CLIENT_AUTH" "$REOPENS" <<'EOF'
 import sys, statistics, subprocess, datetime, os
 from collections import defaultdict
 rows = [l.split() for l in open(sys.argv[1])]
@@ -249,7 +250,7 @@ cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.start
 print("pgfailover switchover benchmark, %s, load average %s at start, %s at end" % (
     datetime.datetime.utcnow().strftime("%Y-%m-%dT%H:%M:%SZ"), sys.argv[2], sys.argv[3]))
 print("pgfailover built from %s; %d CPUs, %s, kernel %s" % (sys.argv[4], os.cpu_count(), cpu, os.uname().release))
-print("writer: %s commits, %s errors" % (sys.argv[6], sys.argv[5]))
+print("writer: %s commits, %s errors, %s connections opened again" % (sys.argv[6], sys.argv[5], sys.argv[10]))
 print()
 print("| switchover | direction | reported pause (ms) | writer's longest gap (ms) | command (ms) |")
 print("|---:|---|---:|---:|---:|")
