@@ -165,13 +165,21 @@ enum Phase {
         act_before: Millis,
         replies: Vec<Result<VoteResponse, String>>,
     },
-    /// The barrier before publishing a promoted node's term.
+    /// The barrier before publishing a promoted node's term, as the real
+    /// coordinator's `settle_leases`: a lease a majority reports is
+    /// waited out asking again meanwhile (which may shrink it), then the
+    /// vote is confirmed again; the term is published once a confirmation
+    /// reports no lease.
     Publishing {
         term: u64,
         node: usize,
         deadline: Millis,
         replies: Vec<Result<VoteResponse, String>>,
         publish_at: Option<Millis>,
+        /// The last majority reported no lease: publish at `publish_at`
+        /// (else confirm again then).
+        settled: bool,
+        reask_at: Millis,
     },
     Promoting {
         term: u64,
@@ -757,8 +765,32 @@ impl Member {
                 term,
                 node,
                 publish_at: Some(at),
+                settled,
                 ..
-            } if local >= at => self.publish(term, node, ctx),
+            } if local >= at => {
+                if settled {
+                    self.publish(term, node, ctx);
+                } else {
+                    self.confirm_before_publishing(term, node, ctx);
+                }
+            }
+            Phase::Publishing {
+                term,
+                node,
+                publish_at: Some(_),
+                reask_at,
+                ..
+            } if local >= reask_at => {
+                let request = self.request_for(term, node);
+                ctx.send_to_others(self.id, &Msg::VoteReq(Box::new(request)));
+                if let Phase::Publishing {
+                    reask_at, replies, ..
+                } = &mut self.phase
+                {
+                    *reask_at = local + REASK_EVERY;
+                    replies.clear();
+                }
+            }
             Phase::Publishing {
                 term,
                 node,
@@ -797,6 +829,8 @@ impl Member {
             deadline: ctx.local + ms(PEER_TIMEOUT),
             replies: Vec::new(),
             publish_at: None,
+            settled: false,
+            reask_at: Millis::MAX,
         };
     }
 
@@ -808,9 +842,17 @@ impl Member {
             return replies.push(Ok(reply));
         }
         if let Some(wait) = self.count_again(reply, ctx)
-            && let Phase::Publishing { publish_at, .. } = &mut self.phase
+            && let Phase::Publishing {
+                publish_at,
+                settled,
+                reask_at,
+                ..
+            } = &mut self.phase
         {
-            *publish_at = Some(ctx.local + wait);
+            let until = ctx.local + wait;
+            *publish_at = Some(publish_at.map_or(until, |at| at.min(until)));
+            *settled = wait == 0;
+            *reask_at = ctx.local + REASK_EVERY;
         }
     }
 
@@ -830,7 +872,7 @@ impl Member {
                 term,
                 node,
                 replies,
-                publish_at: None,
+                settled: false,
                 ..
             } => (*term, *node, replies),
             _ => return None,

@@ -73,8 +73,9 @@ fn first_violation(agents: bool, flaws: Flaws, limit: u64) -> Option<(u64, Strin
 /// (a whole lease period, 4 s) although the agent had voted for it with
 /// its server down: the agent did not give its lease up as a proxy does.
 /// Now it does while its server is known down and not being started.
-/// (Promotion, not the first write, is measured: publishing waits on
-/// the first majority of answers, which may leave the agent's out.)
+/// (Promotion is measured: the first write after it also waits for the
+/// data plane to see the new primary, and in some seeds for the other
+/// proxy's lease, when it ran an election of its own.)
 #[test]
 fn a_killed_primarys_agent_gives_its_lease_up_when_it_votes() {
     let runs: Vec<Stats> = (0..40)
