@@ -166,10 +166,10 @@ pub async fn run_proxy(config: ProxyConfig, reload: Reload) -> anyhow::Result<()
         Arc::clone(&member.topology),
     ));
     let revoke = Arc::clone(&lease);
-    member
-        .peers
-        .me()
-        .on_grant(Box::new(move || revoke.revoke()));
+    member.peers.me().on_grant(Box::new(move || {
+        revoke.revoke();
+        true
+    }));
     let sessions = Arc::new(Sessions::default());
     let coordinator = Coordinator::new(
         Arc::clone(&config.monitor),

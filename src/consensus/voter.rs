@@ -17,8 +17,9 @@ use crate::events::EventLog;
 use crate::topology::TopologyStore;
 
 /// What a member does the moment its voter grants a vote for a newer
-/// term (a proxy stops routing under its lease).
-pub type OnGrant = Box<dyn Fn() + Send + Sync>;
+/// term (a proxy stops routing under its lease; a node agent whose server
+/// is down gives its watchdog lease up); true when it gave its lease up.
+pub type OnGrant = Box<dyn Fn() -> bool + Send + Sync>;
 
 pub struct Voter {
     pub name: String,
@@ -109,8 +110,7 @@ impl Voter {
         if response.granted
             && let Some(revoke) = self.on_grant.get()
         {
-            revoke();
-            response.holder_revoked = true;
+            response.holder_revoked = revoke();
         }
         let kind = if response.granted {
             "vote_granted"
@@ -122,8 +122,15 @@ impl Voter {
             kind,
             Some(&request.new_primary),
             format!(
-                "{} asked ({:?}): {}",
-                request.candidate, request.reason, response.reason
+                "{} asked ({:?}): {}{}",
+                request.candidate,
+                request.reason,
+                response.reason,
+                if response.holder_revoked {
+                    "; its own lease given up"
+                } else {
+                    ""
+                }
             ),
         );
         response

@@ -231,9 +231,9 @@ impl Coordinator {
     /// bound every lease from that moment, as the first ones did, so the
     /// wait only ever shrinks, typically once a proxy that refused for a
     /// lagging view grants and revokes its own lease.
-    pub(super) async fn wait_out_leases(&self, won: &mut Won) -> Duration {
+    pub(super) async fn wait_out_leases(&self, won: &mut Won, wait: Duration) -> Duration {
         let started = Instant::now();
-        let mut until = started + won.lease_wait;
+        let mut until = started + wait;
         loop {
             let now = Instant::now();
             if now >= until {

@@ -261,27 +261,12 @@ impl Coordinator {
     /// then check the votes still hold and no newer term exists.
     async fn clear_to_act(&self, term: u64, node: &str, won: &mut Won) -> Result<(), String> {
         if !won.lease_wait.is_zero() {
-            let waited = self.wait_out_leases(won).await;
-            self.events.record_timed(
-                term,
-                "lease_wait",
-                Some(node),
-                format!(
-                    "waited out routing leases of the old term ({} ms at most, as first reported)",
-                    won.lease_wait.as_millis()
-                ),
-                waited,
-            );
+            self.lease_wait(term, node, won, won.lease_wait).await;
         }
         // The barrier: the votes still hold right now (renewed for a
         // whole hold window), and whatever old lease they report (one
         // renewed while a slow replay let the hold lapse) runs out first.
-        let barrier = self.confirm(won).await;
-        if let Ok(wait) = &barrier
-            && !wait.is_zero()
-        {
-            sleep(*wait).await;
-        }
+        let barrier = self.settle_leases(term, node, won).await;
         let abandon = if let Err(lost) = barrier {
             Some(format!("the votes for term {term} no longer hold: {lost}"))
         } else if Instant::now() >= won.act_before {
@@ -303,6 +288,40 @@ impl Coordinator {
         Ok(())
     }
 
+    /// Confirms the votes until a confirmation reports no old-term lease
+    /// left: each lease one reports is waited out asking again meanwhile
+    /// (`wait_out_leases`), then confirmed once more. A confirmation
+    /// stops at a majority of answers, so it may leave out the one from
+    /// a holder that gave its lease up (a proxy, or the dead primary's
+    /// agent) and report that lease as running: asking again ends the
+    /// wait as soon as one round has that answer, where sleeping through
+    /// the reported lease would not. It ends: every confirmation renews
+    /// the votes' hold, so no old lease is renewed meanwhile and what
+    /// they report only runs out.
+    async fn settle_leases(&self, term: u64, node: &str, won: &mut Won) -> Result<(), String> {
+        loop {
+            let wait = self.confirm(won).await?;
+            if wait.is_zero() {
+                return Ok(());
+            }
+            self.lease_wait(term, node, won, wait).await;
+        }
+    }
+
+    async fn lease_wait(&self, term: u64, node: &str, won: &mut Won, wait: Duration) {
+        let waited = self.wait_out_leases(won, wait).await;
+        self.events.record_timed(
+            term,
+            "lease_wait",
+            Some(node),
+            format!(
+                "waited out routing leases of the old term ({} ms at most, as first reported)",
+                wait.as_millis()
+            ),
+            waited,
+        );
+    }
+
     /// Publishes a term whose pg_promote was sent, once the votes are
     /// confirmed again (a promotion slower than the hold window may have
     /// let old-term leases renew; they are waited out first). Without a
@@ -314,11 +333,8 @@ impl Coordinator {
         node: &str,
         won: &mut Won,
     ) -> Result<(), String> {
-        match self.confirm(won).await {
-            Ok(wait) => {
-                if !wait.is_zero() {
-                    sleep(wait).await;
-                }
+        match self.settle_leases(term, node, won).await {
+            Ok(()) => {
                 self.publish_term(term, node).await;
                 Ok(())
             }

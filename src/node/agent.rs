@@ -11,6 +11,7 @@ use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use super::gate::LeaseGate;
 use super::local::LocalSql;
 use super::postmaster::Postmaster;
 use super::server::{DataState, Server, Shutdown};
@@ -78,7 +79,7 @@ impl Agent {
         requests: mpsc::Receiver<Request>,
     ) -> Self {
         let local = LocalSql::new(server.socket_dir.clone(), server.config.port);
-        let watchdog = Watchdog::new(peers.me().timing());
+        let watchdog = Watchdog::new(peers.me().timing(), server.data().to_path_buf());
         Self {
             watchdog,
             server,
@@ -90,6 +91,12 @@ impl Agent {
             requests,
             last_note: String::new(),
         }
+    }
+
+    /// The watchdog's lease, which the voter gives up when it votes for
+    /// a newer term while no server of this node runs.
+    pub(super) fn lease_gate(&self) -> Arc<LeaseGate> {
+        Arc::clone(self.watchdog.gate())
     }
 
     pub(super) fn name(&self) -> &str {
@@ -110,7 +117,10 @@ impl Agent {
             tokio::select! {
                 _ = stop.cancelled() => break,
                 status = exited(&mut self.postmaster) => {
+                    // Reaped: only backends it left may remain (the gate
+                    // checks for those before giving the lease up).
                     self.postmaster = None;
+                    self.watchdog.gate().exited();
                     let term = self.peers.me().record().term;
                     self.events.record(term, "postgres_exited", Some(self.name()), format!(
                         "postgres exited unexpectedly ({}); restarting it in {backoff:?}",
@@ -171,14 +181,15 @@ impl Agent {
     /// without its server) is stopped: the agent decides afresh how this
     /// data directory starts, since it may be a stale primary by now.
     async fn stop_leftover(&self) -> Result<(), String> {
-        let Some(pid) = self.server.postmaster_pid() else {
-            return Ok(());
-        };
-        info!(
-            pid,
-            "stopping a postmaster left by an earlier run of the agent"
-        );
-        self.server.stop_fast().await
+        if let Some(pid) = self.server.postmaster_pid() {
+            info!(
+                pid,
+                "stopping a postmaster left by an earlier run of the agent"
+            );
+            self.server.stop_fast().await?;
+        }
+        self.watchdog.gate().exited();
+        Ok(())
     }
 
     /// Fast clean shutdown of whatever runs on the data directory.
@@ -223,10 +234,11 @@ impl Agent {
             "{} holds no lease from a majority of voters for term {term}: stopped at once so it takes no writes from anyone",
             self.name()
         ));
-        if let Some(postmaster) = self.postmaster.take()
-            && let Err(e) = postmaster.kill().await
-        {
-            self.note("fence_failed", e);
+        if let Some(postmaster) = self.postmaster.take() {
+            match postmaster.kill().await {
+                Ok(()) => self.watchdog.gate().exited(),
+                Err(e) => self.note("fence_failed", e),
+            }
         }
     }
 
@@ -261,9 +273,11 @@ impl Agent {
         if !standby && view.term > 0 {
             let node = self.name().to_owned();
             self.watchdog.renew(&self.peers, &view, &node).await;
-            if !self.watchdog.is_valid() {
+            // Checked and marked as starting in one step: a vote that
+            // gives the lease up comes strictly before or after.
+            if let Err(e) = self.watchdog.gate().starting_writable() {
                 return Err(format!(
-                    "no lease from a majority of voters for term {}: {node} starts writable only with one",
+                    "no lease from a majority of voters for term {}: {node} starts writable only with one ({e})",
                     view.term
                 ));
             }
@@ -275,6 +289,7 @@ impl Agent {
     /// Starts the server and waits until it accepts connections.
     pub(super) async fn start(&mut self, role: &str, term: u64) -> Result<Postmaster, String> {
         let started = Instant::now();
+        self.watchdog.gate().starting();
         let mut postmaster = Postmaster::spawn(&self.server)?;
         if let Err(e) = postmaster.wait_ready(&self.local, READY_TIMEOUT).await {
             // Not left running unsupervised (it may just be slow).

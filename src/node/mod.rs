@@ -18,6 +18,7 @@
 mod admin;
 mod agent;
 mod bootstrap;
+mod gate;
 mod local;
 mod os;
 mod pgconf;
@@ -55,8 +56,12 @@ pub fn agent(
         peers: Arc::clone(&peers),
         requests,
     };
-    Ok((
-        Agent::new(server, peers, topology, events, receiver),
-        handle,
-    ))
+    let agent = Agent::new(server, Arc::clone(&peers), topology, events, receiver);
+    // The agent's voter gives the watchdog lease up with a vote for a
+    // newer term when the server is down (see `gate`).
+    let gate = agent.lease_gate();
+    peers
+        .me()
+        .on_grant(Box::new(move || gate.give_up_for_vote()));
+    Ok((agent, handle))
 }

@@ -134,6 +134,8 @@ impl Agent {
     /// recycles the WAL segments pg_rewind reads back to find the last
     /// checkpoint before the divergence; a huge wal_keep_size keeps them.
     async fn crash_recover(&self) -> Result<(), String> {
+        // A server of this node runs (single-user, but it runs).
+        self.lease_gate().starting();
         let mut cmd = self.server.program("postgres");
         cmd.arg("--single")
             .arg("-D")

@@ -6,14 +6,18 @@
 //! open sessions) before the majority's promoter, which waits out this
 //! lease too, promotes another node. It starts fencing `FENCE_BUDGET`
 //! before the lease ends (`LeaseHolder`'s lead), so the stop completes
-//! within the lease.
+//! within the lease. The lease itself lives in the `LeaseGate` the voter
+//! shares, which gives it up when this node votes for a newer term while
+//! its server is down.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::gate::LeaseGate;
 use super::term::TermView;
-use crate::consensus::holder::{LeaseHolder, granted_durations};
+use crate::consensus::holder::granted_durations;
 use crate::consensus::messages::LeaseRequest;
 use crate::consensus::state::{Millis, ms};
 use crate::consensus::voter::mono_ms;
@@ -21,7 +25,7 @@ use crate::consensus::{Peers, Timing, majority};
 
 pub struct Watchdog {
     timing: Timing,
-    holder: LeaseHolder,
+    gate: Arc<LeaseGate>,
     /// The term the lease is for.
     term: u64,
     /// Since when the server has been writable without a lease in this
@@ -30,23 +34,26 @@ pub struct Watchdog {
 }
 
 impl Watchdog {
-    pub fn new(timing: Timing) -> Self {
+    pub fn new(timing: Timing, data: std::path::PathBuf) -> Self {
         Self {
             timing,
-            holder: LeaseHolder::new(ms(timing.fence_lead())),
+            gate: Arc::new(LeaseGate::new(data, ms(timing.fence_lead()))),
             term: 0,
             unleased_since: None,
         }
+    }
+
+    pub fn gate(&self) -> &Arc<LeaseGate> {
+        &self.gate
     }
 
     /// One renewal round, when `view` names `node` as the primary.
     pub async fn renew(&mut self, peers: &Peers, view: &TermView, node: &str) {
         if view.term != self.term {
             // A lease of another term says nothing about this one.
-            *self = Self {
-                term: view.term,
-                ..Self::new(self.timing)
-            };
+            self.gate.new_term();
+            self.term = view.term;
+            self.unleased_since = None;
         }
         if view.term == 0 || view.primary.as_deref() != Some(node) {
             return;
@@ -59,19 +66,18 @@ impl Watchdog {
         let sent = mono_ms();
         let replies = peers.renew_leases(&request).await;
         let granted = granted_durations(&replies);
-        self.holder
-            .on_round(sent, &granted, majority(peers.count()), mono_ms());
+        self.gate.on_round(sent, &granted, majority(peers.count()));
     }
 
     /// The server was seen in recovery: when it is next writable (promoted
     /// again), its lease starts over.
     pub fn saw_standby(&mut self) {
-        self.holder.drop_lease();
+        self.gate.drop_lease();
         self.unleased_since = None;
     }
 
     pub fn is_valid(&self) -> bool {
-        self.holder.is_valid(mono_ms())
+        self.gate.is_valid()
     }
 
     /// When a writable server of the term's primary must be fenced: at
@@ -83,7 +89,7 @@ impl Watchdog {
             return None;
         }
         let now = mono_ms();
-        let at = match self.holder.valid_until() {
+        let at = match self.gate.valid_until() {
             Some(until) => until,
             None => {
                 let since = *self.unleased_since.get_or_insert(now);

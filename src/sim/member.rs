@@ -120,6 +120,8 @@ struct Probe {
     last_ok: Option<Millis>,
     failing_since: Option<Millis>,
     refused: bool,
+    /// The round of the last probe the host refused.
+    refused_round: u64,
     report: Option<Report>,
 }
 
@@ -163,13 +165,21 @@ enum Phase {
         act_before: Millis,
         replies: Vec<Result<VoteResponse, String>>,
     },
-    /// The barrier before publishing a promoted node's term.
+    /// The barrier before publishing a promoted node's term, as the real
+    /// coordinator's `settle_leases`: a lease a majority reports is
+    /// waited out asking again meanwhile (which may shrink it), then the
+    /// vote is confirmed again; the term is published once a confirmation
+    /// reports no lease.
     Publishing {
         term: u64,
         node: usize,
         deadline: Millis,
         replies: Vec<Result<VoteResponse, String>>,
         publish_at: Option<Millis>,
+        /// The last majority reported no lease: publish at `publish_at`
+        /// (else confirm again then).
+        settled: bool,
+        reask_at: Millis,
     },
     Promoting {
         term: u64,
@@ -203,6 +213,9 @@ pub struct Member {
     /// was writable without one.
     lease_term: u64,
     unleased_since: Option<Millis>,
+    /// Node agent: the probe round in which it last told its server to
+    /// start, stop or rejoin.
+    server_ordered_round: u64,
     /// Proxy data plane: the open connection (node, id), and the route
     /// the coordinator last computed (what the data plane used before it
     /// checked the lease itself).
@@ -258,6 +271,7 @@ impl Member {
             other_pending: false,
             lease_term,
             unleased_since: None,
+            server_ordered_round: 0,
             conn: None,
             next_conn: 0,
             route_cache: None,
@@ -388,13 +402,29 @@ impl Member {
         }
     }
 
-    /// As the real proxy: granting a vote stops its own routing at once.
+    /// As the real members: granting a vote stops a proxy's routing at
+    /// once; a node agent gives its watchdog lease up when its server is
+    /// known to be down and not being started (`node::gate`).
     fn revoke_on_grant(&mut self, reply: &mut VoteResponse, now: Millis) {
-        if reply.granted && self.kind == Kind::Proxy {
+        let gives_up = match self.kind {
+            Kind::Proxy => true,
+            Kind::Agent { node } => self.server_known_down(node),
+            Kind::Witness => false,
+        };
+        if reply.granted && gives_up {
             self.holder.revoke(now);
             self.route_cache = None;
             reply.holder_revoked = true;
         }
+    }
+
+    /// The agent's own server is down, and stays down until the agent
+    /// starts it: a probe sent after the agent last told it to start or
+    /// stop found no server listening (a stop still under way, or a
+    /// start not yet done, is never taken for down).
+    fn server_known_down(&self, node: usize) -> bool {
+        let p = &self.probes[node];
+        p.refused && p.refused_round > self.server_ordered_round
     }
 
     fn on_state(&mut self, record: VoterRecord, id: u64, ctx: &mut Ctx) {
@@ -443,6 +473,7 @@ impl Member {
             None => {
                 p.failing_since.get_or_insert(ctx.local);
                 p.refused = true;
+                p.refused_round = id;
             }
         }
     }
@@ -555,10 +586,12 @@ impl Member {
                 ctx.notes
                     .push(format!("{} fences {me}: no lease", self.name));
                 ctx.out.push((addr, Msg::Stop));
+                self.server_ordered_round = self.round;
                 self.probes[node].failing_since = Some(ctx.local);
                 self.probes[node].refused = true;
             } else if !up && self.holder.is_valid(ctx.local) {
                 ctx.out.push((addr, Msg::StartPrimary));
+                self.server_ordered_round = self.round;
             }
             return;
         }
@@ -592,6 +625,7 @@ impl Member {
                     fork_lsn: theirs.lsn,
                 },
             ));
+            self.server_ordered_round = self.round;
         }
     }
 
@@ -731,8 +765,32 @@ impl Member {
                 term,
                 node,
                 publish_at: Some(at),
+                settled,
                 ..
-            } if local >= at => self.publish(term, node, ctx),
+            } if local >= at => {
+                if settled {
+                    self.publish(term, node, ctx);
+                } else {
+                    self.confirm_before_publishing(term, node, ctx);
+                }
+            }
+            Phase::Publishing {
+                term,
+                node,
+                publish_at: Some(_),
+                reask_at,
+                ..
+            } if local >= reask_at => {
+                let request = self.request_for(term, node);
+                ctx.send_to_others(self.id, &Msg::VoteReq(Box::new(request)));
+                if let Phase::Publishing {
+                    reask_at, replies, ..
+                } = &mut self.phase
+                {
+                    *reask_at = local + REASK_EVERY;
+                    replies.clear();
+                }
+            }
             Phase::Publishing {
                 term,
                 node,
@@ -771,6 +829,8 @@ impl Member {
             deadline: ctx.local + ms(PEER_TIMEOUT),
             replies: Vec::new(),
             publish_at: None,
+            settled: false,
+            reask_at: Millis::MAX,
         };
     }
 
@@ -782,9 +842,17 @@ impl Member {
             return replies.push(Ok(reply));
         }
         if let Some(wait) = self.count_again(reply, ctx)
-            && let Phase::Publishing { publish_at, .. } = &mut self.phase
+            && let Phase::Publishing {
+                publish_at,
+                settled,
+                reask_at,
+                ..
+            } = &mut self.phase
         {
-            *publish_at = Some(ctx.local + wait);
+            let until = ctx.local + wait;
+            *publish_at = Some(publish_at.map_or(until, |at| at.min(until)));
+            *settled = wait == 0;
+            *reask_at = ctx.local + REASK_EVERY;
         }
     }
 
@@ -804,7 +872,7 @@ impl Member {
                 term,
                 node,
                 replies,
-                publish_at: None,
+                settled: false,
                 ..
             } => (*term, *node, replies),
             _ => return None,

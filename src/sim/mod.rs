@@ -47,6 +47,18 @@ pub struct Config {
     /// Faulty part of the run; then everything heals.
     pub fault_ms: Time,
     pub flaws: Flaws,
+    pub faults: Faults,
+}
+
+/// Which faults the faulty part of a run has.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Faults {
+    /// Drawn from the seed: partitions, freezes, crashes, kills.
+    #[default]
+    Random,
+    /// One kill -9 of the first primary's server at the first fault
+    /// instant, nothing else (the agent, if any, stays up).
+    KillPrimary,
 }
 
 /// After the last fault heals, writes must be back within this.
@@ -63,6 +75,10 @@ pub struct Stats {
     /// No write committed in the `LIVENESS_BOUND` after everything
     /// healed.
     pub stalled: bool,
+    /// `Faults::KillPrimary`: from the kill to the first write committed
+    /// after it (on any node), and to the first promotion.
+    pub kill_to_write: Option<Time>,
+    pub kill_to_promotion: Option<Time>,
 }
 
 struct Slot {
@@ -95,6 +111,8 @@ pub struct Sim {
     /// Members and nodes stopped by a fault, restarted at the heal.
     crashed: Vec<usize>,
     killed: Vec<usize>,
+    /// When `Faults::KillPrimary` killed the primary.
+    killed_primary_at: Option<Time>,
 }
 
 impl Sim {
@@ -185,6 +203,7 @@ impl Sim {
             stats: Stats::default(),
             crashed: Vec::new(),
             killed: Vec::new(),
+            killed_primary_at: None,
         };
         for m in 0..sim.slots.len() {
             let first = sim.rng.range(1, TICK);
@@ -396,6 +415,9 @@ impl Sim {
                 let ok = if node.standby {
                     node.promote(term);
                     self.stats.promotions += 1;
+                    if let Some(killed) = self.killed_primary_at {
+                        self.stats.kill_to_promotion.get_or_insert(now - killed);
+                    }
                     true
                 } else {
                     node.timeline == term
@@ -423,6 +445,9 @@ impl Sim {
         };
         self.stats.commits += 1;
         self.last_commit_at = now;
+        if let Some(killed) = self.killed_primary_at {
+            self.stats.kill_to_write.get_or_insert(now - killed);
+        }
         if let Some(newest) = &self.newest_commit
             && commit.timeline < newest.timeline
             && !self.trace.iter().any(|l| l.starts_with("VIOLATION"))
@@ -479,6 +504,9 @@ impl Sim {
         if self.now >= self.config.fault_ms {
             return;
         }
+        if self.config.faults == Faults::KillPrimary {
+            return self.kill_primary();
+        }
         self.stats.faults += 1;
         let next = self.now + self.rng.range(1_000, 6_000);
         self.queue.push(next, Event::Fault);
@@ -533,6 +561,15 @@ impl Sim {
                 }
             }
             _ => self.node_fault(lasting),
+        }
+    }
+
+    fn kill_primary(&mut self) {
+        if let Some(n) = (0..self.nodes.len()).find(|n| self.nodes[*n].writable(self.now)) {
+            self.nodes[n].kill();
+            self.killed.push(n);
+            self.killed_primary_at = Some(self.now);
+            self.note(format!("fault: kill -9 of {}", self.nodes[n].name));
         }
     }
 

@@ -196,6 +196,86 @@ async fn a_crashed_primary_rejoins_as_a_standby_after_pg_rewind() {
     assert!(find(&events, "term_learned").is_some(), "{events:?}");
 }
 
+/// How n1's agent answered after a kill -9 of its postmaster: the
+/// proxy fails over to n2, or the agent restarted n1 in place (its
+/// watchdog lease held and no vote for term 2 was held yet).
+fn failed_over_or_restarted(c: &AgentCluster, starts_before: usize) -> bool {
+    let mut failed_over = false;
+    wait_until(
+        "a failover to n2, or n1 back in term 1",
+        SLOW_DEADLINE,
+        || {
+            let s = c.status();
+            failed_over = s["term"].as_u64() >= Some(2) && s["routing_to"] == "n2";
+            let restarted = s["term"] == 1
+                && s["routing_to"] == "n1"
+                && started_as(c, "primary").len() > starts_before;
+            failed_over || restarted
+        },
+    );
+    failed_over
+}
+
+/// When n1's agent recorded it started n1 as `role` (ms since the epoch).
+fn started_as(c: &AgentCluster, role: &str) -> Vec<u64> {
+    let detail = format!("n1 started as {role}");
+    c.n1.events()
+        .into_iter()
+        .filter(|e| e["kind"] == "postgres_started" && e["detail"] == detail.as_str())
+        .filter_map(|e| e["at_ms"].as_u64())
+        .collect()
+}
+
+/// kill -9 of the primary's postmaster, its agent alive: the agent
+/// restarts it in place a second later when its watchdog lease still
+/// holds; else n2 takes over, and n1's agent, which votes with its server
+/// down, gives its lease up so that the promoter need not wait it out.
+/// Once it gave its lease up it never starts n1 writable again: n1
+/// rejoins as a standby.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_primarys_agent_gives_its_lease_up_and_never_restarts_it_writable() {
+    let c = AgentCluster::start();
+    create_writes_table(&c.dsn()).await;
+    let mut failed_over = false;
+    for attempt in 1..=5 {
+        let starts = started_as(&c, "primary").len();
+        let killed = Instant::now();
+        kill9_postmaster(&c.n1.data_dir());
+        failed_over = failed_over_or_restarted(&c, starts);
+        let outcome = if failed_over { "failover" } else { "restart" };
+        println!("kill -9 {attempt}: {outcome} after {:?}", killed.elapsed());
+        if failed_over {
+            break;
+        }
+    }
+    assert!(failed_over, "five kills, five restarts in place");
+    c.n1.wait_streaming(SLOW_DEADLINE);
+    let given_up: Vec<u64> =
+        c.n1.events()
+            .into_iter()
+            .filter(|e| e["kind"] == "vote_granted")
+            .filter(|e| {
+                e["detail"]
+                    .as_str()
+                    .is_some_and(|d| d.contains("its own lease given up"))
+            })
+            .filter_map(|e| e["at_ms"].as_u64())
+            .collect();
+    println!("n1's agent gave its lease up with {} votes", given_up.len());
+    if let Some(first) = given_up.first() {
+        let later: Vec<u64> = started_as(&c, "primary")
+            .into_iter()
+            .filter(|at| at > first)
+            .collect();
+        assert!(
+            later.is_empty(),
+            "n1 started writable at {later:?} after giving its lease up at {first}"
+        );
+    }
+    let client = connect(&c.dsn()).await;
+    assert_eq!(write_once(&client).await.expect("write on n2"), "n2");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_that_cannot_rewind_is_cloned_again_and_rejoins() {
     let mut c = AgentCluster::start();
