@@ -13,7 +13,8 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
 use crate::failover::VotingCluster;
 use crate::harness::{
-    APP_DB, AgentCluster, CLUSTER_TOKEN, DEADLINE, SCRAM_USER, admin_metric, python3, wait_until,
+    APP_DB, AgentCluster, CLUSTER_TOKEN, DEADLINE, Forwarder, PgCluster, ProxyProcess, SCRAM_USER,
+    admin_metric, python3, wait_until,
 };
 use crate::util::{connect, describe};
 
@@ -412,4 +413,53 @@ async fn a_terminated_session_ends_and_a_restarted_server_keeps_its_sessions() {
     .expect("answered within the deadline")
     .expect("the idle session survived the restart");
     assert_eq!(row.get::<_, String>(0), "survivor");
+}
+
+/// After a change of primary, the sessions that move and the new ones
+/// held meanwhile log in to the new primary 8 of each at a time, so its
+/// postmaster is not stormed with forks: a relay in front of it counts the
+/// connections it has not answered yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moving_and_held_sessions_fork_the_new_primary_a_few_at_a_time() {
+    const SESSIONS: usize = 30;
+    let cluster = PgCluster::primary_with_standby();
+    let n2 = Forwarder::start(cluster.standby.port());
+    let proxy = ProxyProcess::start(
+        &[("n1", cluster.primary.port()), ("n2", n2.port())],
+        &["--client-auth", "proxy", "--hold-timeout", "60s"],
+    );
+    let dsn = proxy.dsn(SCRAM_USER.name, SCRAM_USER.password, APP_DB);
+    let mut idle = Vec::new();
+    for _ in 0..SESSIONS {
+        idle.push(connect(&dsn).await);
+    }
+    let before = n2.most_unanswered();
+
+    cluster.primary.kill9();
+    let held: Vec<_> = (0..SESSIONS)
+        .map(|_| {
+            let dsn = dsn.clone();
+            tokio::spawn(async move { node_of(&connect(&dsn).await).await })
+        })
+        .collect();
+    for session in &idle {
+        assert_eq!(node_of(session).await.expect("the session moved"), "n2");
+    }
+    for session in held {
+        let node = tokio::time::timeout(DEADLINE, session)
+            .await
+            .expect("the held session routed")
+            .expect("task");
+        assert_eq!(node.expect("the held session runs"), "n2");
+    }
+    let most = n2.most_unanswered();
+    println!(
+        "at most {most} connections to n2 waited for its answer at once ({before} before the kill)"
+    );
+    // 8 moving, 8 held, and the monitor's and the failover's own.
+    assert!(
+        most <= 20,
+        "{most} logins at once reached the new primary for {} sessions",
+        2 * SESSIONS
+    );
 }

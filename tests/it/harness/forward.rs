@@ -29,6 +29,10 @@ struct Shared {
     next_id: AtomicU64,
     /// Connections relayed so far.
     relayed: AtomicU64,
+    /// Relayed connections the target has not answered yet (for a
+    /// PostgreSQL node: a backend being forked), and the most at once.
+    unanswered: AtomicU64,
+    most_unanswered: AtomicU64,
 }
 
 impl Shared {
@@ -84,6 +88,12 @@ impl Forwarder {
     /// Connections relayed since the start.
     pub fn relayed(&self) -> u64 {
         self.shared.relayed.load(Ordering::Relaxed)
+    }
+
+    /// The most relayed connections the target had not answered yet at
+    /// once: for a PostgreSQL node, backends forked at the same time.
+    pub fn most_unanswered(&self) -> u64 {
+        self.shared.most_unanswered.load(Ordering::SeqCst)
     }
 
     /// Partitions: closes the listener (new connections are refused) and
@@ -208,10 +218,20 @@ fn relay(client: TcpStream, target: u16, shared: &Arc<Shared>) {
         return;
     }
     let done = Arc::new(AtomicU64::new(0));
-    for (mut from, mut to) in [(client, upstream), (u2, c2)] {
+    let waiting = shared.unanswered.fetch_add(1, Ordering::SeqCst) + 1;
+    shared.most_unanswered.fetch_max(waiting, Ordering::SeqCst);
+    for (mut from, mut to, from_target) in [(client, upstream, false), (u2, c2, true)] {
         let shared = Arc::clone(shared);
         let done = Arc::clone(&done);
         std::thread::spawn(move || {
+            if from_target {
+                let first = copy_first_read(&mut from, &mut to);
+                shared.unanswered.fetch_sub(1, Ordering::SeqCst);
+                if !first {
+                    let _ = from.shutdown(Shutdown::Both);
+                    let _ = to.shutdown(Shutdown::Both);
+                }
+            }
             let failed = io::copy(&mut from, &mut to).is_err();
             let _ = to.shutdown(Shutdown::Write);
             if failed {
@@ -230,5 +250,17 @@ fn relay(client: TcpStream, target: u16, shared: &Arc<Shared>) {
                     .remove(&id);
             }
         });
+    }
+}
+
+/// Copies the target's first read to the client: false when the target
+/// closed or failed before sending anything.
+fn copy_first_read(from: &mut TcpStream, to: &mut TcpStream) -> bool {
+    use std::io::{Read, Write};
+
+    let mut buf = [0u8; 8192];
+    match from.read(&mut buf) {
+        Ok(n) if n > 0 => to.write_all(&buf[..n]).is_ok(),
+        _ => false,
     }
 }
