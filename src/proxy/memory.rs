@@ -38,6 +38,14 @@ pub struct SessionMemory {
     pending: Vec<Replay>,
     /// A COMMIT of a block with `pending` state, until its answer.
     commit: Option<CommitWatch>,
+    /// A statement without parameters run through the extended protocol,
+    /// counted once its request's Sync is sent (a later statement of the
+    /// same request could still fail and roll it back: then it pins).
+    stash: Option<(Kind, String)>,
+    /// The client sent messages of a request whose Sync has not come.
+    request_open: bool,
+    /// How the last request sent ended the transaction block, if it did.
+    pub request_end: Option<BlockEnd>,
     /// Where the chunk being scanned stands.
     scan: Scan,
     framer: Framer,
@@ -52,6 +60,15 @@ struct CommitWatch {
     request: u64,
     /// ErrorResponses the node had sent when it was sent.
     errors: u64,
+}
+
+/// A request that ends the transaction block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockEnd {
+    /// COMMIT, END, PREPARE TRANSACTION: it may have committed.
+    Commit,
+    /// ROLLBACK, ABORT: rolled back whatever happened.
+    Rollback,
 }
 
 /// What is known of the session while one chunk is scanned.
@@ -72,6 +89,14 @@ struct Scan {
     errors: u64,
 }
 
+impl Scan {
+    /// Nothing was sent since the last ReadyForQuery (so the block status
+    /// it gave holds for the next message).
+    fn nothing_before(&self, request_open: bool) -> bool {
+        self.answered && self.requests_seen == 0 && !request_open
+    }
+}
+
 /// Follows message boundaries across reads.
 #[derive(Debug, Default)]
 struct Framer {
@@ -81,6 +106,9 @@ struct Framer {
     tag: u8,
     /// The current message so far, when it must be inspected and is split.
     partial: Option<Vec<u8>>,
+    /// The current message is the first sent since the last
+    /// ReadyForQuery: the block status that gave is its own.
+    alone: bool,
 }
 
 impl SessionMemory {
@@ -92,6 +120,16 @@ impl SessionMemory {
         }
         self.settle(status);
         let last = status.get();
+        if self.commit.is_none()
+            && !self.pending.is_empty()
+            && status.in_flight() == 0
+            && last == TransactionStatus::Idle.as_byte()
+        {
+            // The block ended through a message the scan does not read
+            // (a Bind of a statement prepared as COMMIT).
+            self.pin("session state set inside a transaction that ended unseen");
+            return;
+        }
         self.scan = Scan {
             in_block: last != TransactionStatus::Idle.as_byte(),
             failed: last == TransactionStatus::Failed.as_byte(),
@@ -109,11 +147,9 @@ impl SessionMemory {
         self.settle(status);
         if self.commit.take().is_some() {
             self.pin("session state set inside a transaction whose COMMIT's outcome is unknown");
-        } else if status.is_idle() && !self.pending.is_empty() {
-            self.pin("session state set inside a transaction that ended unseen");
-        } else {
-            // The block, open or in flight, is lost with the connection.
-            self.pending.clear();
+        } else if !self.pending.is_empty() || self.stash.is_some() {
+            // What was in flight may have ended the block unseen.
+            self.pin("session state set inside the transaction open at the change");
         }
     }
 
@@ -160,7 +196,8 @@ impl SessionMemory {
                 let body = len.saturating_sub(4);
                 framer.tag = tag;
                 framer.remaining = body;
-                self.count_request(tag);
+                framer.alone = self.scan.nothing_before(self.request_open);
+                self.on_header(tag);
                 if !inspected(tag) {
                     continue;
                 }
@@ -197,15 +234,30 @@ impl SessionMemory {
         }
     }
 
-    /// Counts requests as the relay does (at their header); one sent
-    /// behind a COMMIT being watched would blur which error is whose.
-    fn count_request(&mut self, tag: u8) {
-        if !REQUEST_TAGS.contains(&tag) {
+    /// Follows requests as the relay does (counted at their header): a
+    /// Sync counts what its request ran through the extended protocol; a
+    /// request sent behind a COMMIT being watched would blur which error
+    /// is whose.
+    fn on_header(&mut self, tag: u8) {
+        if !self.request_open {
+            self.request_end = None;
+        }
+        let ends_request = REQUEST_TAGS.contains(&tag);
+        self.request_open = !ends_request;
+        if !ends_request {
             return;
         }
         self.scan.requests_seen += 1;
         if self.commit.is_some() {
             self.pin("session state set inside a transaction whose COMMIT had requests pipelined behind it");
+            return;
+        }
+        match (tag, self.stash.take()) {
+            (b'S', Some((kind, sql))) => self.one_statement(kind, &sql, true),
+            (_, Some(_)) => {
+                self.pin("session state set through the extended protocol without its Sync")
+            }
+            _ => {}
         }
     }
 
@@ -234,6 +286,7 @@ impl SessionMemory {
                 first = kind;
             }
             statements += 1;
+            self.request_end = kind.block_end();
             // What follows in the same read runs inside the block.
             self.scan.in_block |= kind == Kind::Begin;
             sets_state |= matches!(kind, Kind::Replay | Kind::Transactional | Kind::DiscardAll);
@@ -247,17 +300,23 @@ impl SessionMemory {
             }
             return;
         }
-        self.one_statement(first, sql);
+        let alone = self.framer.alone;
+        self.one_statement(first, sql, alone);
     }
 
     /// A simple query of one statement (or a Parse of one without
-    /// parameters, counted as executed).
-    fn one_statement(&mut self, kind: Kind, sql: &str) {
+    /// parameters, counted as executed at its Sync). `alone`: nothing was
+    /// sent before it since the last ReadyForQuery, whose block status is
+    /// then its own; else state it sets pins.
+    fn one_statement(&mut self, kind: Kind, sql: &str, alone: bool) {
         let Scan {
             in_block, failed, ..
         } = self.scan;
         match kind {
-            Kind::Commit => self.on_commit(),
+            Kind::Commit => self.on_commit(alone),
+            Kind::Transactional | Kind::Replay | Kind::DiscardAll if !alone => {
+                self.pin("session state set while other requests were in flight");
+            }
             Kind::Rollback => self.pending.clear(),
             Kind::RollbackTo | Kind::PrepareTransaction if !self.pending.is_empty() => {
                 self.pin("session state set inside a transaction partly rolled back or prepared");
@@ -283,27 +342,37 @@ impl SessionMemory {
 
     /// A COMMIT of a block that set state: watched until answered when it
     /// is the only request in flight, so its answer is its own.
-    fn on_commit(&mut self) {
+    fn on_commit(&mut self, alone: bool) {
         if self.pending.is_empty() {
             return;
         }
-        if self.scan.failed {
+        if !alone {
+            self.pin("session state set inside a transaction committed behind other requests");
+        } else if self.scan.failed {
             // A failed block's COMMIT rolls it back.
             self.pending.clear();
-        } else if self.scan.answered && self.scan.requests_seen == 1 {
+        } else {
             self.commit = Some(CommitWatch {
                 request: self.scan.requests_before + 1,
                 errors: self.scan.errors,
             });
-        } else {
-            self.pin("session state set inside a transaction committed behind other requests");
         }
     }
 
     fn parse(&mut self, len: usize, body: &[u8]) {
         let (name, rest) = cstr(body);
         let (sql, _) = cstr(rest);
-        match classify(sql) {
+        if self.stash.is_some() {
+            // Another statement in the request of a SET: if it fails, the
+            // SET is rolled back with it.
+            self.pin("session state set through the extended protocol along with other statements");
+            return;
+        }
+        let kind = classify(sql);
+        if kind.block_end().is_some() {
+            self.request_end = kind.block_end();
+        }
+        match kind {
             Kind::Pins(reason) => {
                 self.pin(reason);
                 return;
@@ -324,8 +393,12 @@ impl SessionMemory {
             kind @ (Kind::Replay | Kind::Transactional | Kind::DiscardAll)
                 if !sql.contains('$') =>
             {
-                self.one_statement(kind, sql);
-                if self.pinned.is_some() || name.is_empty() {
+                if !self.framer.alone {
+                    self.pin("session state set while other requests were in flight");
+                    return;
+                }
+                self.stash = Some((kind, sql.trim().to_owned()));
+                if name.is_empty() {
                     return;
                 }
             }
@@ -402,6 +475,15 @@ enum Kind {
 }
 
 impl Kind {
+    /// How a statement of this kind ends the block, if it does.
+    fn block_end(self) -> Option<BlockEnd> {
+        match self {
+            Self::Commit | Self::PrepareTransaction => Some(BlockEnd::Commit),
+            Self::Rollback => Some(BlockEnd::Rollback),
+            _ => None,
+        }
+    }
+
     /// Ends or rolls back (part of) a transaction block.
     fn ends_block(self) -> bool {
         matches!(
@@ -477,7 +559,7 @@ fn classify(statement: &str) -> Kind {
     let (first, second) = (Keyword::of(words.next()), Keyword::of(words.next()));
     let third = Keyword::of(words.next());
     match (first.as_str(), second.as_str()) {
-        ("set", "local" | "transaction") => Kind::Plain,
+        ("set", "local" | "transaction" | "constraints") => Kind::Plain,
         ("prepare", "transaction") => Kind::PrepareTransaction,
         ("commit" | "rollback", "prepared") => Kind::Plain,
         ("commit" | "end", _) => Kind::Commit,
@@ -613,12 +695,135 @@ mod tests {
         r.run("SET search_path = app", b'T');
         r.run("ROLLBACK TRANSACTION TO SAVEPOINT a", b'T');
         assert!(r.memory.pinned.is_some());
-        // A block lost with the connection: nothing of it moves.
+        // A block open at the change: what was in flight may have ended
+        // it unseen.
         let mut r = Relay::new();
         r.run("BEGIN", b'T');
         r.run("SET search_path = app", b'T');
-        assert!(r.replayed().is_empty());
+        r.replayed();
+        assert!(r.memory.pinned.is_some());
+    }
+
+    fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = vec![tag];
+        m.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    }
+
+    /// Parse (unnamed unless `name`), Bind, Execute: no Sync.
+    fn extended(name: &str, sql: &str) -> Vec<u8> {
+        let mut m = parse(name, sql);
+        m.extend(message(b'B', b"\0\0\0\0\0\0\0"));
+        m.extend(message(b'E', b"\0\0\0\0\0"));
+        m
+    }
+
+    fn sync() -> Vec<u8> {
+        message(b'S', b"")
+    }
+
+    /// Schedules where the block status a statement runs under is not the
+    /// last ReadyForQuery's, or where a later statement may roll it back:
+    /// state set there pins instead of being recorded wrongly. Each read
+    /// is followed by the node's answer (its ReadyForQuery status), or by
+    /// none yet.
+    #[test]
+    fn state_set_where_its_block_is_uncertain_pins() {
+        type Read = (Vec<u8>, Option<u8>);
+        let schedules: [(&str, Vec<Read>); 5] = [
+            (
+                "BEGIN, SET and ROLLBACK through the extended protocol in one request",
+                vec![(
+                    [
+                        extended("", "BEGIN"),
+                        extended("", "SET search_path = x"),
+                        extended("", "ROLLBACK"),
+                        sync(),
+                    ]
+                    .concat(),
+                    Some(b'I'),
+                )],
+            ),
+            (
+                "COMMIT then SET in one read",
+                vec![
+                    (query("BEGIN"), Some(b'T')),
+                    (
+                        [query("COMMIT"), query("SET search_path = x")].concat(),
+                        Some(b'I'),
+                    ),
+                ],
+            ),
+            (
+                "SET sent before BEGIN was answered",
+                vec![
+                    (query("BEGIN"), None),
+                    (query("SET search_path = x"), Some(b'T')),
+                    (query("ROLLBACK"), Some(b'I')),
+                ],
+            ),
+            (
+                "a SET and a failing statement in one extended request",
+                vec![(
+                    [
+                        extended("", "SET search_path = x"),
+                        extended("", "SELECT 1/0"),
+                        sync(),
+                    ]
+                    .concat(),
+                    Some(b'I'),
+                )],
+            ),
+            (
+                "a block ended by a Bind of a statement prepared as COMMIT",
+                vec![
+                    (query("BEGIN"), Some(b'T')),
+                    (query("SET search_path = x"), Some(b'T')),
+                    (
+                        [
+                            message(b'B', b"\0c\0\0\0\0\0\0\0"),
+                            message(b'E', b"\0\0\0\0\0"),
+                            sync(),
+                        ]
+                        .concat(),
+                        Some(b'I'),
+                    ),
+                    (query("SELECT 1"), Some(b'I')),
+                ],
+            ),
+        ];
+        for (name, reads) in schedules {
+            let mut r = Relay::new();
+            for (read, answer) in reads {
+                r.send(&read);
+                if let Some(status) = answer {
+                    r.answer(status, 0);
+                }
+            }
+            assert!(r.memory.pinned.is_some(), "{name}: {:?}", r.memory.replay);
+        }
+    }
+
+    #[test]
+    fn asyncpg_style_state_counts_at_its_sync_and_inside_a_block_at_commit() {
+        let mut r = Relay::new();
+        r.send(&[parse("__asyncpg_1__", "SET search_path = app"), sync()].concat());
+        r.answer(b'I', 0);
+        r.run("BEGIN", b'T');
+        r.send(&[parse("__asyncpg_2__", "LISTEN jobs"), sync()].concat());
+        r.answer(b'T', 0);
+        r.run("COMMIT", b'I');
         assert_eq!(r.memory.pinned, None);
+        assert_eq!(
+            r.replayed(),
+            [
+                "__asyncpg_1__",
+                "SET search_path = app",
+                "__asyncpg_2__",
+                "LISTEN jobs"
+            ]
+        );
     }
 
     fn query(sql: &str) -> Vec<u8> {
@@ -750,7 +955,7 @@ mod tests {
         m.feed(&query("/* hi */ select 1"), &at(b'T'));
         assert_eq!(m.pinned, None, "transaction-scoped");
         let mut m = SessionMemory::default();
-        m.feed(&parse("", "LISTEN \"jobs\""), &at(b'I'));
+        m.feed(&[parse("", "LISTEN \"jobs\""), sync()].concat(), &at(b'I'));
         assert_eq!(
             m.replay,
             vec![Replay::Query("LISTEN \"jobs\"".into())],

@@ -155,6 +155,15 @@ pub(super) async fn release_to_pool(
         say_goodbye(&mut backend).await;
         return;
     }
+    // The route may have changed during the reset (the pool was emptied).
+    if !proxy
+        .topology
+        .load()
+        .still_routes(ready.term, &ready.node.name)
+    {
+        say_goodbye(&mut backend).await;
+        return;
+    }
     let key = PoolKey {
         node: ready.node.name.clone(),
         term: ready.term,
@@ -197,10 +206,19 @@ pub async fn follow_the_route(proxy: Arc<Proxy>, stop: CancellationToken) {
     };
     let mut changes = proxy.topology.subscribe();
     let mut route = writable_route(&proxy);
+    let mut sweep = tokio::time::interval(pool::IDLE_TIMEOUT / 4);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             changed = changes.changed() => if changed.is_err() { return },
+            _ = sweep.tick() => {
+                // Connections (and the credentials kept for them) no
+                // client took within the idle timeout.
+                let term = proxy.topology.load().term;
+                close_all(pool.evict_stale(term, Instant::now()));
+                publish_pool_sizes(&proxy, pool);
+                continue;
+            }
         }
         let now = writable_route(&proxy);
         let Some((term, node)) = now.clone().filter(|_| now != route) else {

@@ -23,6 +23,8 @@ use crate::topology::LeaseGate;
 const TERMINATE: u8 = b'X';
 /// Backend ErrorResponse.
 const ERROR_RESPONSE: u8 = b'E';
+/// Frontend CopyDone and CopyFail.
+const COPY_ENDS: &[u8] = b"cf";
 
 /// How a relay ended, and on which side.
 #[derive(Debug)]
@@ -274,14 +276,15 @@ impl Upstream<'_> {
     }
 
     /// The client's last message, whole, ended a request (Query, Sync,
-    /// FunctionCall): nothing it sent waits for more of itself.
+    /// FunctionCall, or CopyDone/CopyFail ending a COPY FROM STDIN):
+    /// nothing it sent waits for more of itself.
     fn between_requests(&self) -> bool {
         self.tracking
             && self.tracker.at_boundary()
             && self
                 .tracker
                 .last_tag()
-                .is_none_or(|tag| REQUEST_TAGS.contains(&tag))
+                .is_none_or(|tag| REQUEST_TAGS.contains(&tag) || COPY_ENDS.contains(&tag))
     }
 
     /// The client sent Terminate as its last whole message.

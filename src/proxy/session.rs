@@ -15,7 +15,7 @@ use super::client::ClientConn;
 use super::client_auth::authenticate_client;
 use super::error::SessionError;
 use super::handshake::{ClientRequest, negotiate};
-use super::memory::SessionMemory;
+use super::memory::{BlockEnd, SessionMemory};
 use super::moving::{MoveCause, Moved, Mover, NotMoved, move_session};
 use super::node_login::NodeLogin;
 use super::pool::Relogin;
@@ -351,7 +351,8 @@ async fn carry_over(
     (ready, registration): (ReadyBackend, Registration),
     (end, downstream): (&RelayEnd, &Downstream),
 ) -> Option<Moved> {
-    let (label, why) = match (continuation(&registration.status), mover.memory.pinned) {
+    let next = continuation(&registration.status, mover.memory.request_end);
+    let (label, why) = match (next, mover.memory.pinned) {
         (Ok(next), None) => {
             drop(registration);
             let cause = MoveCause {
@@ -369,7 +370,9 @@ async fn carry_over(
                     let mut owed = BytesMut::new();
                     tell_the_loss(&mut owed, next, node);
                     owed.extend_from_slice(&moved.notices);
-                    if !owed.is_empty() && client.write_all(&owed).await.is_err() {
+                    if !owed.is_empty()
+                        && (client.write_all(&owed).await.is_err() || client.flush().await.is_err())
+                    {
                         return None;
                     }
                     return Some(moved);
@@ -446,11 +449,21 @@ enum Continuation {
     /// transaction block, as after any error inside one, and goes on
     /// after the client's ROLLBACK.
     AfterLostTransaction,
+    /// The request in flight was the block's COMMIT (or PREPARE
+    /// TRANSACTION): it may have committed. The session moves out of
+    /// the block.
+    AfterLostCommit,
+    /// The request in flight was the block's ROLLBACK: rolled back either
+    /// way. The session moves out of the block.
+    AfterLostRollback,
 }
 
 /// Where a session stands when its route goes away, read from what its
 /// relay tracked; the error is a metric label saying why it cannot move.
-fn continuation(status: &SessionStatus) -> Result<Continuation, &'static str> {
+fn continuation(
+    status: &SessionStatus,
+    request_end: Option<BlockEnd>,
+) -> Result<Continuation, &'static str> {
     let in_transaction = status.get() != TransactionStatus::Idle.as_byte();
     if status.request_open() {
         // Part of a request reached the old node: the rest cannot follow.
@@ -463,7 +476,11 @@ fn continuation(status: &SessionStatus) -> Result<Continuation, &'static str> {
         // answered ROLLBACK without an error. It gets the error now.
         (0, true) => Err("transaction"),
         (n, false) => Ok(Continuation::AfterLostStatements(n)),
-        (1, true) => Ok(Continuation::AfterLostTransaction),
+        (1, true) => Ok(match request_end {
+            Some(BlockEnd::Commit) => Continuation::AfterLostCommit,
+            Some(BlockEnd::Rollback) => Continuation::AfterLostRollback,
+            None => Continuation::AfterLostTransaction,
+        }),
         // What PostgreSQL answers after the first (25P02 each, or a new
         // start after a ROLLBACK among them) depends on requests whose
         // bytes went to the old node only.
@@ -482,27 +499,41 @@ fn unmovable_reason(label: &str) -> &'static str {
 
 /// What the client of a request lost with its primary gets, per request:
 /// an error (not FATAL: the connection stays) and ReadyForQuery, failed
-/// when the request was inside a transaction block (the node is in one
-/// too).
+/// when the request was inside a transaction block that it did not end
+/// (the node is in a failed block too).
 fn tell_the_loss(out: &mut BytesMut, next: Continuation, node: &str) {
-    let (message, ready, lost) = match next {
+    let (message, hint, ready, lost) = match next {
         Continuation::Idle => return,
         Continuation::AfterLostStatements(n) => (
             "the primary went away while this statement ran: its outcome is unknown",
+            None,
             READY_IDLE,
             n,
         ),
         Continuation::AfterLostTransaction => (
-            "the primary went away while this statement ran: its outcome is unknown, and the transaction is lost",
+            "the primary went away while this statement ran: its outcome is unknown, and the transaction block cannot go on",
+            Some("ROLLBACK, then check what the transaction did before running it again."),
             READY_FAILED,
+            1,
+        ),
+        Continuation::AfterLostCommit => (
+            "the primary went away while this COMMIT ran: whether the transaction committed is unknown",
+            Some("Check whether its changes are there before running it again."),
+            READY_IDLE,
+            1,
+        ),
+        Continuation::AfterLostRollback => (
+            "the primary went away while this ROLLBACK ran: the transaction is rolled back",
+            None,
+            READY_IDLE,
             1,
         ),
     };
     let mut error = ProxyError::error(sqlstate::CONNECTION_FAILURE, message).with_detail(format!(
         "pgfailover moved the session to {node}; the connection stays open and the next statement runs there"
     ));
-    if next == Continuation::AfterLostTransaction {
-        error = error.with_hint("ROLLBACK, then run the transaction again.");
+    if let Some(hint) = hint {
+        error = error.with_hint(hint);
     }
     for _ in 0..lost {
         error.encode(out);
@@ -693,35 +724,61 @@ mod tests {
         status
     }
 
+    fn continuation_of(status: &SessionStatus) -> Result<Continuation, &'static str> {
+        continuation(status, None)
+    }
+
+    #[test]
+    fn a_lost_commit_or_rollback_leaves_the_session_out_of_the_block() {
+        let in_flight = status(b'T', 4, 3, false);
+        assert_eq!(
+            continuation(&in_flight, Some(BlockEnd::Commit)),
+            Ok(Continuation::AfterLostCommit)
+        );
+        assert_eq!(
+            continuation(&in_flight, Some(BlockEnd::Rollback)),
+            Ok(Continuation::AfterLostRollback)
+        );
+        let mut out = BytesMut::new();
+        tell_the_loss(&mut out, Continuation::AfterLostCommit, "n2");
+        assert!(out.ends_with(&READY_IDLE));
+        assert!(
+            String::from_utf8_lossy(&out).contains("whether the transaction committed is unknown")
+        );
+    }
+
     #[test]
     fn a_session_goes_on_only_from_a_whole_request_it_can_answer_for() {
         use Continuation::*;
-        assert_eq!(continuation(&status(b'I', 3, 3, false)), Ok(Idle));
+        assert_eq!(continuation_of(&status(b'I', 3, 3, false)), Ok(Idle));
         assert_eq!(
-            continuation(&status(b'I', 4, 3, false)),
+            continuation_of(&status(b'I', 4, 3, false)),
             Ok(AfterLostStatements(1))
         );
         assert_eq!(
-            continuation(&status(b'I', 6, 3, false)),
+            continuation_of(&status(b'I', 6, 3, false)),
             Ok(AfterLostStatements(3)),
             "pipelined, each its own implicit transaction"
         );
         assert_eq!(
-            continuation(&status(b'T', 4, 3, false)),
+            continuation_of(&status(b'T', 4, 3, false)),
             Ok(AfterLostTransaction)
         );
         assert_eq!(
-            continuation(&status(b'E', 4, 3, false)),
+            continuation_of(&status(b'E', 4, 3, false)),
             Ok(AfterLostTransaction)
         );
-        assert_eq!(continuation(&status(b'T', 3, 3, false)), Err("transaction"));
         assert_eq!(
-            continuation(&status(b'I', 3, 3, true)),
+            continuation_of(&status(b'T', 3, 3, false)),
+            Err("transaction")
+        );
+        assert_eq!(
+            continuation_of(&status(b'I', 3, 3, true)),
             Err("request_in_flight"),
             "Parse and Bind sent, their Sync not yet"
         );
         assert_eq!(
-            continuation(&status(b'T', 5, 3, false)),
+            continuation_of(&status(b'T', 5, 3, false)),
             Err("requests_in_flight")
         );
     }

@@ -8,7 +8,7 @@ import asyncio
 import sys
 
 DSN, DRIVER = sys.argv[1], sys.argv[2]
-LOST = "the transaction is lost"
+LOST = "the transaction block cannot go on"
 
 
 def with_psycopg2():

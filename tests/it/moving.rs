@@ -343,7 +343,7 @@ async fn an_idle_session_moves_through_a_kill9_failover() {
         .expect("task");
     let e = outcome.expect_err("its node died");
     assert!(
-        describe(&e).contains("the transaction is lost"),
+        describe(&e).contains("the transaction block cannot go on"),
         "{}",
         describe(&e)
     );
