@@ -285,6 +285,32 @@ async fn an_idle_session_moves_through_a_kill9_failover() {
         let outcome = in_transaction.simple_query("SELECT pg_sleep(31)").await;
         (in_transaction, outcome)
     });
+    // A COMMIT in flight (a deferred trigger makes it slow): it may have
+    // committed, so the session is told so and leaves the block.
+    let committing = connect(&c.dsn()).await;
+    committing
+        .batch_execute(
+            "CREATE TABLE slow_commit (x int);
+             CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql
+               AS $$ BEGIN PERFORM pg_sleep(36); RETURN NULL; END $$;
+             CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON slow_commit
+               DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit();
+             BEGIN; INSERT INTO slow_commit VALUES (1)",
+        )
+        .await
+        .expect("a transaction with a slow COMMIT");
+    let committed = tokio::spawn(async move {
+        let outcome = committing.simple_query("COMMIT").await;
+        (committing, outcome)
+    });
+    wait_until("the COMMIT runs on n1", DEADLINE, || {
+        c.cluster
+            .primary
+            .try_psql(
+                "SELECT count(*) FROM pg_stat_activity WHERE query = 'COMMIT' AND state = 'active'",
+            )
+            .is_ok_and(|n| n == "1")
+    });
     // The same with the seed's driver and asyncpg, as applications use
     // them: psycopg2 outside autocommit, asyncpg's transaction block.
     let (dsn, url) = (c.dsn(), proxy_url(c.proxy.port()));
@@ -304,8 +330,8 @@ async fn an_idle_session_moves_through_a_kill9_failover() {
     let killed = Instant::now();
     c.cluster.primary.kill9();
     c.wait_for_term(2, "n2");
-    wait_until("the five sessions moved", DEADLINE, || {
-        admin_metric(c.voters.admin_port("p1"), "pgfailover_sessions_moved_total") == 5
+    wait_until("the six sessions moved", DEADLINE, || {
+        admin_metric(c.voters.admin_port("p1"), "pgfailover_sessions_moved_total") == 6
     });
     let row = idle
         .query_one(
@@ -370,6 +396,23 @@ async fn an_idle_session_moves_through_a_kill9_failover() {
     for session in python {
         assert_eq!(session.check(), "ok n2");
     }
+
+    let (committing, outcome) = tokio::time::timeout(DEADLINE, committed)
+        .await
+        .expect("the COMMIT's answer")
+        .expect("task");
+    let e = outcome.expect_err("its node died");
+    assert!(
+        describe(&e).contains("whether the transaction committed is unknown"),
+        "{}",
+        describe(&e)
+    );
+    assert_eq!(
+        node_of(&committing)
+            .await
+            .expect("out of the block: the next statement runs at once"),
+        "n2"
+    );
 }
 
 /// `pg_terminate_backend` of an idle session is an operator's decision,
