@@ -288,15 +288,21 @@ async fn an_idle_session_moves_through_a_kill9_failover() {
     // A COMMIT in flight (a deferred trigger makes it slow): it may have
     // committed, so the session is told so and leaves the block.
     let committing = connect(&c.dsn()).await;
+    // The DDL commits on its own: left inside the open transaction, its
+    // lock would hold up the standby's replay (and the failover) for
+    // max_standby_streaming_delay.
     committing
         .batch_execute(
             "CREATE TABLE slow_commit (x int);
              CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql
                AS $$ BEGIN PERFORM pg_sleep(36); RETURN NULL; END $$;
              CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON slow_commit
-               DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit();
-             BEGIN; INSERT INTO slow_commit VALUES (1)",
+               DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit()",
         )
+        .await
+        .expect("a table whose COMMIT is slow");
+    committing
+        .batch_execute("BEGIN; INSERT INTO slow_commit VALUES (1)")
         .await
         .expect("a transaction with a slow COMMIT");
     let committed = tokio::spawn(async move {
