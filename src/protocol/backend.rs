@@ -64,6 +64,10 @@ pub struct BoundaryTracker {
     /// ErrorResponse messages seen (on a backend stream; on a frontend
     /// stream the same type byte is Execute).
     error_responses: u64,
+    /// CopyInResponse messages seen (backend streams).
+    copy_in_responses: u64,
+    /// Type byte of the last counted message.
+    last_counted: Option<u8>,
     header: [u8; MESSAGE_HEADER_LEN],
     header_len: usize,
     /// Body bytes of the current message not yet seen.
@@ -86,6 +90,16 @@ impl BoundaryTracker {
     /// Messages seen so far whose type is one of the counted tags.
     pub fn counted(&self) -> u64 {
         self.counted
+    }
+
+    /// CopyInResponse messages seen so far (backend streams).
+    pub fn copy_in_responses(&self) -> u64 {
+        self.copy_in_responses
+    }
+
+    /// Type byte of the last message counted (`counting`).
+    pub fn last_counted(&self) -> Option<u8> {
+        self.last_counted
     }
 
     /// ErrorResponse messages seen so far (backend streams).
@@ -128,6 +142,10 @@ impl BoundaryTracker {
         self.last_tag = Some(h[0]);
         if self.counted_tags.contains(&h[0]) {
             self.counted += 1;
+            self.last_counted = Some(h[0]);
+        }
+        if h[0] == b'G' {
+            self.copy_in_responses += 1;
         }
         if h[0] == b'E' {
             self.error_responses += 1;

@@ -23,6 +23,8 @@ use crate::topology::LeaseGate;
 const TERMINATE: u8 = b'X';
 /// Backend ErrorResponse.
 const ERROR_RESPONSE: u8 = b'E';
+/// Frontend Sync.
+const SYNC: u8 = b'S';
 /// Frontend CopyDone and CopyFail.
 const COPY_ENDS: &[u8] = b"cf";
 
@@ -61,6 +63,10 @@ pub struct Downstream {
     /// away) is held back here instead of reaching the client.
     pub movable: bool,
     pub held_error: Option<BytesMut>,
+    /// Syncs PostgreSQL ignored: one sent with an Execute that started a
+    /// COPY FROM STDIN arrives during the copy (libpq and tokio-postgres
+    /// send another after CopyDone, which gets the ReadyForQuery).
+    absorbed_syncs: u64,
 }
 
 impl Default for Downstream {
@@ -71,6 +77,7 @@ impl Default for Downstream {
             broken: false,
             movable: false,
             held_error: None,
+            absorbed_syncs: 0,
         }
     }
 }
@@ -258,6 +265,9 @@ impl Upstream<'_> {
         // answers 08P01 itself); the proxy just stops following.
         self.tracking = self.tracking && self.tracker.feed(chunk).is_ok();
         self.status.set_requests(self.tracker.counted());
+        if let Some(tag) = self.tracker.last_counted() {
+            self.status.set_last_request(tag);
+        }
         self.status.set_request_open(!self.between_requests());
         self.count.add(chunk.len());
         // Flushed: over TLS the tail of a burst (CopyDone, Sync) would
@@ -387,15 +397,24 @@ async fn forward_down(
         state.held_error = Some(BytesMut::from(chunk));
         return Err(RelayEnd::BackendLost(None));
     }
+    let copies_before = state.tracker.copy_in_responses();
     if state.tracker.feed(chunk).is_err() {
         state.broken = true;
         return Err(RelayEnd::BackendLost(None));
+    }
+    if state.tracker.copy_in_responses() > copies_before
+        && status.in_flight() > 0
+        && status.last_request() == SYNC
+    {
+        // The COPY was started through the extended protocol and its
+        // Sync already sent: that Sync gets no ReadyForQuery of its own.
+        state.absorbed_syncs += 1;
     }
     if let Some(s) = state.tracker.last_status() {
         status.set(s.as_byte());
     }
     status.set_errors(state.tracker.error_responses());
-    status.set_replies(state.tracker.counted());
+    status.set_replies(state.tracker.counted() + state.absorbed_syncs);
     count.add(chunk.len());
     state.writing = true;
     // TLS buffers records until flushed; for plain TCP flush is free.

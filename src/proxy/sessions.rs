@@ -24,6 +24,8 @@ pub struct SessionStatus {
     replies: AtomicU64,
     /// ErrorResponses the node sent (tells a COMMIT that failed).
     errors: AtomicU64,
+    /// Type byte of the last request the client sent (Query, Sync, ...).
+    last_request: AtomicU8,
     /// The client sent part of a request: a message split across reads,
     /// or extended-protocol messages its Sync has not ended yet.
     request_open: AtomicBool,
@@ -48,6 +50,14 @@ impl SessionStatus {
 
     pub fn request_open(&self) -> bool {
         self.request_open.load(Ordering::Relaxed)
+    }
+
+    pub fn set_last_request(&self, tag: u8) {
+        self.last_request.store(tag, Ordering::Relaxed);
+    }
+
+    pub fn last_request(&self) -> u8 {
+        self.last_request.load(Ordering::Relaxed)
     }
 
     pub fn set_errors(&self, n: u64) {

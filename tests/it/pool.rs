@@ -195,3 +195,32 @@ async fn the_pool_follows_a_switchover_to_the_new_primary() {
     assert_eq!(row.get::<_, String>(1), SCRAM_USER.name);
     assert_eq!(reused(), 1, "it got a connection opened ahead of it");
 }
+
+/// COPY FROM STDIN through the extended protocol: PostgreSQL ignores the
+/// Sync sent with the Execute (it arrives during the copy) and answers the
+/// one after CopyDone. The session is idle after it, so the client that
+/// leaves then leaves its server connection for the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_idle_after_copy_from_stdin_leaves_its_connection() {
+    use futures_util::SinkExt;
+
+    let p = Pooled::start();
+    let client = connect(&p.dsn()).await;
+    client
+        .batch_execute("CREATE TABLE IF NOT EXISTS pool_copy (x int)")
+        .await
+        .expect("table");
+    let sink = client
+        .copy_in("COPY pool_copy FROM STDIN")
+        .await
+        .expect("COPY FROM STDIN");
+    tokio::pin!(sink);
+    sink.send(bytes::Bytes::from_static(b"1\n2\n"))
+        .await
+        .expect("COPY data");
+    assert_eq!(sink.finish().await.expect("CopyDone"), 2);
+    drop(client);
+    wait_until("the server connection is pooled", DEADLINE, || {
+        p.pooled_on_n1() == 1
+    });
+}
