@@ -11,6 +11,11 @@ use crate::config::{MonitorConfig, NodeSpec};
 
 /// Bound on one action (promotion may wait for the end of recovery).
 const ACTION_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long replay must stand still, with no WAL receiver streaming,
+/// before what is left unreplayed counts as a record the dead primary
+/// sent only part of: replay moves on within milliseconds while it has
+/// whole records to apply.
+const REPLAY_STALLED: Duration = Duration::from_millis(500);
 /// The timeline of the WAL file a primary writes now (as the probe reads it).
 const WRITABLE_TIMELINE_SQL: &str =
     "SELECT ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int";
@@ -116,21 +121,40 @@ impl NodeSql<'_> {
     }
 
     /// Waits until a standby has replayed everything it received, up to
-    /// `limit`.
+    /// `limit`. A primary that died while sending a record spanning pages
+    /// leaves the standby with part of it: received, never replayable.
+    /// Once no WAL receiver streams and replay has stood still for
+    /// `REPLAY_STALLED`, what is left is that part (promotion discards it
+    /// anyway), so the wait ends there rather than at `limit`.
     pub async fn wait_replay(&self, limit: Duration) -> Result<(), String> {
         let work = async {
             let client = self.connect().await?;
+            let mut still: Option<(String, tokio::time::Instant)> = None;
             loop {
                 let row = client
                     .query_one(
                         "SELECT pg_last_wal_replay_lsn() >= pg_last_wal_receive_lsn() \
-                         OR pg_last_wal_receive_lsn() IS NULL",
+                         OR pg_last_wal_receive_lsn() IS NULL, \
+                         pg_last_wal_replay_lsn()::text, \
+                         EXISTS (SELECT 1 FROM pg_stat_wal_receiver WHERE status = 'streaming')",
                         &[],
                     )
                     .await
                     .map_err(|e| describe(&e))?;
                 if row.get::<_, Option<bool>>(0).unwrap_or(true) {
                     return Ok(());
+                }
+                let replayed: Option<String> = row.get(1);
+                let streaming: bool = row.get(2);
+                let now = tokio::time::Instant::now();
+                match (&still, replayed) {
+                    (_, _) if streaming => still = None,
+                    (Some((at, since)), Some(lsn)) if *at == lsn => {
+                        if now.duration_since(*since) >= REPLAY_STALLED {
+                            return Ok(());
+                        }
+                    }
+                    (_, lsn) => still = lsn.map(|lsn| (lsn, now)),
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
