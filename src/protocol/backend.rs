@@ -56,7 +56,7 @@ pub fn split_frame(buf: &mut BytesMut, max_len: usize) -> Result<Option<Frame>, 
 /// Follows message boundaries in a byte stream without copying it, to
 /// know the transaction status of the last ReadyForQuery and whether the
 /// stream is between two messages (where the proxy may inject its own).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct BoundaryTracker {
     /// Message types to count (e.g. ReadyForQuery), and how many passed.
     counted_tags: &'static [u8],
@@ -155,6 +155,35 @@ impl BoundaryTracker {
         Ok(())
     }
 
+    /// Where the first message of type `tag` starts in `chunk`, were it
+    /// fed next (without feeding it).
+    pub fn find_message(&self, chunk: &[u8], tag: u8) -> Option<usize> {
+        let mut t = self.clone();
+        let mut offset = 0;
+        while offset < chunk.len() {
+            if t.body_left > 0 {
+                let n = t.body_left.min(chunk.len() - offset);
+                t.body_left -= n;
+                offset += n;
+                continue;
+            }
+            if t.header_len == 0 && chunk[offset] == tag {
+                return Some(offset);
+            }
+            let n = (MESSAGE_HEADER_LEN - t.header_len).min(chunk.len() - offset);
+            t.header[t.header_len..t.header_len + n].copy_from_slice(&chunk[offset..offset + n]);
+            t.header_len += n;
+            offset += n;
+            if t.header_len == MESSAGE_HEADER_LEN {
+                let h = t.header;
+                let len = u32::from_be_bytes([h[1], h[2], h[3], h[4]]) as usize;
+                t.header_len = 0;
+                t.body_left = len.checked_sub(4)?;
+            }
+        }
+        None
+    }
+
     /// True when the bytes fed so far end exactly at a message boundary.
     pub fn at_boundary(&self) -> bool {
         self.header_len == 0 && self.body_left == 0
@@ -187,6 +216,19 @@ mod tests {
         s.extend(msg(b'C', b"SELECT 1\0"));
         s.extend(msg(b'Z', b"T"));
         s
+    }
+
+    #[test]
+    fn finds_where_a_message_type_starts_without_feeding() {
+        let s = stream();
+        let mut t = BoundaryTracker::default();
+        let complete = s.len() - 6;
+        assert_eq!(t.find_message(&s, b'Z'), Some(complete));
+        assert_eq!(t.find_message(&s, b'E'), None);
+        // From inside a message: its body's bytes are not taken for a type.
+        t.feed(&s[..3]).expect("a header's start");
+        assert_eq!(t.find_message(&s[3..], b'Z'), Some(complete - 3));
+        assert!(!t.at_boundary(), "finding fed nothing");
     }
 
     #[test]

@@ -386,6 +386,7 @@ async fn forward_down(
     if chunk.is_empty() {
         return Ok(());
     }
+    let (chunk, fatal) = split_at_fatal(chunk, state);
     if state.movable
         && chunk.first() == Some(&ERROR_RESPONSE)
         && state.tracker.at_boundary()
@@ -422,7 +423,29 @@ async fn forward_down(
         return Err(RelayEnd::ClientVanished);
     }
     state.writing = false;
+    if let Some(fatal) = fatal {
+        state.held_error = Some(BytesMut::from(fatal));
+        return Err(RelayEnd::BackendLost(None));
+    }
     Ok(())
+}
+
+/// A movable session's chunk that carries, after other messages, a FATAL
+/// ending the session (postmaster death right after an answer, read in
+/// one go): what comes before it goes to the client, the FATAL is held
+/// like one that starts a chunk.
+fn split_at_fatal<'c>(chunk: &'c [u8], state: &Downstream) -> (&'c [u8], Option<&'c [u8]>) {
+    // The severity's bytes first (a vectorised search): the message walk
+    // runs only for the rare chunk that may hold a FATAL.
+    let may_hold_fatal = memchr::memmem::find(chunk, b"VFATAL\0").is_some()
+        || memchr::memmem::find(chunk, b"VPANIC\0").is_some();
+    if !state.movable || !may_hold_fatal {
+        return (chunk, None);
+    }
+    match state.tracker.find_message(chunk, ERROR_RESPONSE) {
+        Some(at) if at > 0 && is_fatal(&chunk[at..]) => (&chunk[..at], Some(&chunk[at..])),
+        _ => (chunk, None),
+    }
 }
 
 async fn backend_to_client<BR>(
@@ -453,5 +476,47 @@ where
         if let Err(end) = forward_down(chunk, client, status, state, &mut count).await {
             return end;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = vec![tag];
+        m.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    }
+
+    /// An answer and the FATAL of a postmaster's death, read in one go:
+    /// the answer goes on, the FATAL is held for the move to decide.
+    #[test]
+    fn a_fatal_after_an_answer_in_the_same_read_is_split_off() {
+        let answer = [message(b'C', b"INSERT 0 1\0"), message(b'Z', b"I")].concat();
+        let fatal = message(
+            b'E',
+            b"SFATAL\0VFATAL\0C57P01\0Mterminating connection due to unexpected postmaster exit\0\0",
+        );
+        let chunk = [answer.clone(), fatal.clone()].concat();
+        let mut state = Downstream::default();
+        assert_eq!(
+            split_at_fatal(&chunk, &state),
+            (&chunk[..], None),
+            "not movable"
+        );
+        state.movable = true;
+        assert_eq!(
+            split_at_fatal(&chunk, &state),
+            (&answer[..], Some(&fatal[..]))
+        );
+        let error = message(b'E', b"SERROR\0VERROR\0C42P01\0Mno such table\0\0");
+        let chunk = [answer, error].concat();
+        assert_eq!(
+            split_at_fatal(&chunk, &state),
+            (&chunk[..], None),
+            "an ERROR is the client's"
+        );
     }
 }
