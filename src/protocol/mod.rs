@@ -28,6 +28,14 @@ pub const PROTOCOL_3_0: u32 = 3 << 16;
 /// one type byte and a big-endian i32 length that counts itself.
 pub const MESSAGE_HEADER_LEN: usize = 5;
 
+/// Whole messages the proxy sends on its own: ReadyForQuery, idle and
+/// in a failed transaction block (to clients); Sync and Terminate (to
+/// nodes).
+pub const READY_IDLE: [u8; 6] = [b'Z', 0, 0, 0, 5, b'I'];
+pub const READY_FAILED: [u8; 6] = [b'Z', 0, 0, 0, 5, b'E'];
+pub const SYNC_MESSAGE: [u8; 5] = [b'S', 0, 0, 0, 4];
+pub const TERMINATE_MESSAGE: [u8; 5] = [b'X', 0, 0, 0, 4];
+
 /// Transaction status carried by ReadyForQuery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TransactionStatus {

@@ -9,7 +9,6 @@
 use std::collections::HashMap;
 
 use bytes::BytesMut;
-use tokio::io::AsyncWriteExt;
 use tokio::time::{Instant, timeout};
 
 use super::Proxy;
@@ -18,11 +17,11 @@ use super::cancel_map::CancelTarget;
 use super::control_query::{exchange, exchange_reply, simple_query};
 use super::memory::{Replay, SessionMemory};
 use super::node_login::NodeLogin;
-use super::session::open_backend;
+use super::session::{open_backend, say_goodbye};
 use super::sessions::Registration;
 use crate::auth::Credentials;
-use crate::protocol::TransactionStatus;
 use crate::protocol::startup::StartupMessage;
+use crate::protocol::{SYNC_MESSAGE, TransactionStatus};
 
 /// What a session keeps so that it can move.
 pub struct Mover {
@@ -98,9 +97,7 @@ pub async fn move_session(
     let node = quiet.node.name.clone();
     let same_route = node == old.node.name && quiet.term == old.term;
     if cause.ended_by_node && same_route && !restarted_since(&mut quiet, mover.since).await? {
-        if quiet.stream.write_all(&TERMINATE).await.is_ok() {
-            let _ = quiet.stream.flush().await;
-        }
+        say_goodbye(&mut quiet.stream).await;
         return Err(NotMoved::EndedByNode);
     }
     timeout(
@@ -150,7 +147,7 @@ async fn replay(login: &mut QuietLogin, items: &[Replay]) -> Result<(), String> 
             Replay::Query(sql) => simple_query(sql),
             Replay::Parse { message, .. } => {
                 let mut request = BytesMut::from(&message[..]);
-                request.extend_from_slice(&SYNC);
+                request.extend_from_slice(&SYNC_MESSAGE);
                 request
             }
         };
@@ -200,9 +197,6 @@ async fn log_in(
 
 /// Pause before logging in again after a refusal.
 const RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(200);
-
-const SYNC: [u8; 5] = [b'S', 0, 0, 0, 4];
-const TERMINATE: [u8; 5] = [b'X', 0, 0, 0, 4];
 
 /// True when the node's postmaster started after `since` (measured on the
 /// node's own clock, as an age: the proxy's clock does not matter).

@@ -28,11 +28,8 @@ use super::session::say_goodbye;
 use super::sessions::Registration;
 use super::tls::PgStream;
 use crate::config::NodeSpec;
-use crate::protocol::TransactionStatus;
 use crate::protocol::startup::StartupMessage;
-
-/// ReadyForQuery, idle: the end of a pooled connection's greeting.
-const READY_IDLE: [u8; 6] = [b'Z', 0, 0, 0, 5, b'I'];
+use crate::protocol::{READY_IDLE, TransactionStatus};
 
 /// A kept server connection for this client, when the routed primary has
 /// one for the same startup packet: the client gets the node's login

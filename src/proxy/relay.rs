@@ -435,11 +435,14 @@ async fn forward_down(
 /// one go): what comes before it goes to the client, the FATAL is held
 /// like one that starts a chunk.
 fn split_at_fatal<'c>(chunk: &'c [u8], state: &Downstream) -> (&'c [u8], Option<&'c [u8]>) {
+    if !state.movable {
+        return (chunk, None);
+    }
     // The severity's bytes first (a vectorised search): the message walk
     // runs only for the rare chunk that may hold a FATAL.
     let may_hold_fatal = memchr::memmem::find(chunk, b"VFATAL\0").is_some()
         || memchr::memmem::find(chunk, b"VPANIC\0").is_some();
-    if !state.movable || !may_hold_fatal {
+    if !may_hold_fatal {
         return (chunk, None);
     }
     match state.tracker.find_message(chunk, ERROR_RESPONSE) {

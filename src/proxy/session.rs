@@ -27,20 +27,13 @@ use super::tls::PgStream;
 use super::{Proxy, SessionLimits};
 use crate::auth::scram::ServerBinding;
 use crate::auth::{AuthSource, Credentials};
-use crate::protocol::TransactionStatus;
 use crate::protocol::error_response::{ProxyError, sqlstate};
 use crate::protocol::startup::StartupMessage;
+use crate::protocol::{READY_FAILED, READY_IDLE, TERMINATE_MESSAGE, TransactionStatus};
 use bytes::BytesMut;
 
 /// Pause before routing again after a node closed a new session.
 const RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
-
-/// Frontend Terminate, sent to a backend whose client vanished.
-const TERMINATE: [u8; 5] = [b'X', 0, 0, 0, 4];
-/// ReadyForQuery, idle: the end of a pooled connection's greeting.
-const READY_IDLE: [u8; 6] = [b'Z', 0, 0, 0, 5, b'I'];
-/// ReadyForQuery, in a failed transaction block.
-const READY_FAILED: [u8; 6] = [b'Z', 0, 0, 0, 5, b'E'];
 
 /// Whether this connection got a slot under `--max-client-connections`.
 pub enum Admission {
@@ -664,7 +657,7 @@ fn lease_ran_out(
 /// in the record buffer), so its backend ends now rather than at its
 /// next read.
 pub(super) async fn say_goodbye(backend: &mut super::tls::PgStream) {
-    if backend.write_all(&TERMINATE).await.is_ok() {
+    if backend.write_all(&TERMINATE_MESSAGE).await.is_ok() {
         let _ = backend.flush().await;
     }
 }
